@@ -1,0 +1,109 @@
+"""The public face: ``specache.compile(model)`` and what reports on a compiled model."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .backend import specache_backend
+from .config import Config, with_overrides
+from .policies import registered
+from .runtime import runtime as rt
+
+_ATTR = "_specache_runtime"
+
+
+def compile(model: torch.nn.Module, config: Config | None = None, **overrides: Any) -> torch.nn.Module:  # noqa: A001
+    """Compile ``model`` with the specache backend; returns the same module, compiled in place.
+
+    Every attention the pass can rewrite reads its KV from specache's store from then on: full precision in host
+    memory, the policy's compressed copy on the device. ``config`` is a ``specache.Config``; keyword overrides
+    replace its fields (``specache.compile(model, policy="full")``). Compilation happens on the first call, per input
+    shape, like torch.compile. Works with ``model.generate``: transformers' own auto-compilation is turned off for
+    this model (it would compile our compiled call again with Inductor).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"specache.compile: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError(
+            "specache.compile: expected an uncompiled module, got the result of torch.compile; "
+            "fix: pass the original module, or use torch.compile(module, backend='specache') instead"
+        )
+    if getattr(model, _ATTR, None) is not None:
+        raise ValueError(
+            "specache.compile: this module is already compiled by specache (applying it twice would store the KV "
+            "twice); fix: compile the original module once, or call specache.reset(model) to clear its KV store"
+        )
+    config = with_overrides(config, overrides)
+    runtime = rt.Runtime(config)
+    runtime.adopt(list(model.parameters()))
+    setattr(model, _ATTR, runtime)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "disable_compile"):
+        gen.disable_compile = True
+    model.compile(backend=functools.partial(specache_backend, runtime=runtime), dynamic=None)
+    return model
+
+
+def runtime_of(model: torch.nn.Module) -> rt.Runtime:
+    runtime = getattr(model, _ATTR, None) or rt.by_params(list(model.parameters()))
+    if runtime is None:
+        raise ValueError(
+            "specache: expected a model compiled by specache.compile or torch.compile(backend='specache') and run "
+            "at least once; got a module specache has not seen. Fix: compile it and call it first."
+        )
+    return runtime
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """How many attention sites the pass found, rewrote and left alone (with why), and the store's state per site.
+
+    {"found": n, "rewritten": n, "skipped": n, "sites": {name: {"status", "kind", "mode", "reason"}},
+     "store": {name: {"length", "decode_steps", "fetched_rows", ..., "host", "device"}}, "bytes": {"host", "device"}}
+    """
+    runtime = runtime_of(model)
+    sites = {name: {"status": r.status, "kind": r.kind, "mode": r.mode, "reason": r.reason}
+             for name, r in runtime.graph_stats.items()}
+    return {
+        "policy": runtime.config.policy,
+        "found": len(sites),
+        "rewritten": sum(s["status"] == "rewritten" for s in sites.values()),
+        "skipped": sum(s["status"] == "skipped" for s in sites.values()),
+        "sites": sites,
+        "store": runtime.site_stats(),
+        "bytes": runtime.tier_bytes(),
+    }
+
+
+def memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes specache holds for this model's KV, per tier: {"host": full KV, "device": the policy's device tier}."""
+    return runtime_of(model).tier_bytes()
+
+
+def attention_error(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Per-site relative error ||o - o_exact|| / ||o_exact|| of the policy's decode attention output against exact
+    attention over the same tokens, averaged over the decode steps run so far. Needs ``measure_error=True``."""
+    runtime = runtime_of(model)
+    if not runtime.config.measure_error:
+        raise ValueError(
+            "specache.attention_error: expected a model compiled with measure_error=True, got measure_error=False; "
+            "fix: specache.compile(model, measure_error=True, ...)"
+        )
+    out = {}
+    for name, site in runtime.sites.items():
+        st = site.stats
+        if st.err_count:
+            out[name] = {"mean": st.err_sum / st.err_count, "max": st.err_max, "steps": st.err_count}
+    return out
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Forget every stored token (the next call must start a new sequence)."""
+    runtime = runtime_of(model)
+    runtime.sites.clear()
+
+
+def policies() -> list[str]:
+    return sorted(registered())

@@ -1,0 +1,388 @@
+"""Find attention in a traced graph and replace it with ``specache::attend``.
+
+Two families, each matched structurally on the Dynamo graph (torch-level calls, methods and operators):
+
+- SDPA: ``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)``.
+- matmul → softmax → matmul: ``softmax(q @ kᵀ · c + mask, -1) @ v`` with any of the casts, scalings, mask add and
+  no-op dropout that eager attention implementations put between them (transformers' ``eager_attention_forward``,
+  GPT-2's, hand-written modules).
+
+A matched attention is rewritten only if its k and v trace back to a KV-cache write (passes/kv_source.py) and nothing
+but the attention reads the cached tensors' values. Otherwise it keeps its original code, is counted as skipped, and
+one WARNING names the node and the reason. Negative cases (dropout, returned attention probabilities, a softmax that
+is not attention, an attention without a cache) are tested in tests/passes/.
+
+A hand-written structural matcher rather than Inductor's pattern_matcher: Dynamo graphs spell the same computation
+many ways (``x.softmax(-1)``, ``F.softmax(x, dim=-1, dtype=...)``, ``torch.matmul``, ``@``, ``x.transpose(-1, -2)``,
+``x.mT``) and the interesting part, the cache write, is in-place, which pattern_matcher's functional patterns do not
+express.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from ..kernels import ops  # noqa: F401  (registers torch.ops.specache.*)
+from .kv_source import APPEND, INDEX, KVSource, Skip, check_pair, ev, is_fn, is_method, resolve, shape_only_users
+
+log = logging.getLogger("specache")
+
+_SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+         torch.ops.aten.scaled_dot_product_attention.default)
+_SOFTMAX = (F.softmax, torch.softmax, torch.nn.functional.softmax, torch.special.softmax)
+_MATMUL = (torch.matmul, operator.matmul, torch.bmm)
+_ADD = (operator.add, torch.add, operator.iadd)
+_MUL = (operator.mul, torch.mul, operator.imul)
+_DIV = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+_CAST_METHODS = ("to", "type", "type_as", "float", "half", "bfloat16", "contiguous")
+_warned: set[tuple[str, str]] = set()
+
+
+@dataclass
+class Match:
+    node: fx.Node  # the node whose value is the attention output [B, Hq, Sq, Dv]
+    kind: str  # "sdpa" | "matmul"
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None = None
+    is_causal: bool = False
+    scale: float | None = None
+    gqa: bool = False  # SDPA enable_gqa: k/v carry Hkv heads
+    chain: list[fx.Node] = field(default_factory=list)  # pattern nodes between q/k/v and node, to drop
+
+
+@dataclass
+class SiteReport:
+    site: str
+    kind: str
+    status: str  # "rewritten" | "skipped"
+    reason: str = ""
+    mode: str = ""
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _last_dim(node: fx.Node, dim) -> bool:
+    val = ev(node)
+    return dim == -1 or (val is not None and dim == val.dim() - 1)
+
+
+# -- matching -------------------------------------------------------------------------------------------------------
+
+
+def _match_sdpa(node: fx.Node) -> Match:
+    q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = _arg(node, 3, "attn_mask")
+    dropout = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = _arg(node, 6, "scale", None)
+    gqa = node.kwargs.get("enable_gqa", node.args[7] if len(node.args) > 7 else False)
+    m = Match(node, "sdpa", q, k, v, mask, bool(is_causal), scale, bool(gqa))
+    if isinstance(dropout, fx.Node) or dropout != 0.0:
+        raise Skip(f"attention dropout p={dropout!r} (training?): specache rewrites inference attention only")
+    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
+        raise Skip("is_causal or scale is a traced value, not a constant")
+    if mask is not None and not isinstance(mask, fx.Node):
+        raise Skip(f"unsupported attn_mask {mask!r}")
+    return m
+
+
+def _is_transpose_last2(node) -> fx.Node | None:
+    """k if node is kᵀ over the last two dims of a 4-D k."""
+    if is_method(node, "transpose") or is_fn(node, torch.transpose):
+        a, b = node.args[1], node.args[2]
+        if {a, b} in ({-1, -2}, {2, 3}):
+            return node.args[0]
+    if is_method(node, "permute") and tuple(node.args[1:]) in ((0, 1, 3, 2),) or (
+        is_method(node, "permute") and len(node.args) == 2 and tuple(node.args[1]) == (0, 1, 3, 2)
+    ):
+        return node.args[0]
+    if is_fn(node, getattr) and node.args[1] == "mT":
+        return node.args[0]
+    return None
+
+
+def _upstream(node: fx.Node) -> tuple[fx.Node, fx.Node | None, float, list[fx.Node]]:
+    """From the softmax input back to q @ kᵀ: returns (matmul, mask, scale, chain)."""
+    mask, scale, chain = None, 1.0, []
+    cur = node
+    for _ in range(16):
+        chain.append(cur)
+        if is_method(cur, *_CAST_METHODS) or is_fn(cur, torch.Tensor.to):
+            src, out = ev(cur.args[0]), ev(cur)
+            if src is None or out is None or src.shape != out.shape:
+                raise Skip(f"unsupported op between q·kᵀ and softmax: {cur.format_node()}")
+            cur = cur.args[0]
+        elif is_fn(cur, *_MATMUL) or is_method(cur, "matmul"):
+            if _is_transpose_last2(cur.args[1]) is None:
+                raise Skip(f"the q·k matmul's right operand is not kᵀ: {cur.format_node()}")
+            return cur, mask, scale, chain
+        elif is_fn(cur, *_ADD) or is_method(cur, "add", "add_"):
+            a, b = cur.args[0], cur.args[1]
+            if len(cur.args) > 2 or "alpha" in cur.kwargs:
+                raise Skip(f"a scaled mask add: {cur.format_node()}")
+            left = _reaches_qk(a)
+            if left == _reaches_qk(b):
+                raise Skip(f"cannot tell scores from mask in {cur.format_node()}")
+            scores, m = (a, b) if left else (b, a)
+            if mask is not None or not isinstance(m, fx.Node):
+                raise Skip(f"more than one additive term on the scores: {cur.format_node()}")
+            mask, cur = m, scores
+        elif is_fn(cur, *_MUL) or is_method(cur, "mul"):
+            a, b = cur.args[0], cur.args[1]
+            c, x = (a, b) if isinstance(a, (int, float)) else (b, a)
+            if not isinstance(c, (int, float)) or not isinstance(x, fx.Node):
+                raise Skip(f"scores scaled by a traced value: {cur.format_node()}")
+            scale, cur = scale * c, x
+        elif is_fn(cur, *_DIV) or is_method(cur, "div"):
+            x, c = cur.args[0], cur.args[1]
+            if not isinstance(c, (int, float)) or not isinstance(x, fx.Node):
+                raise Skip(f"scores divided by a traced value: {cur.format_node()}")
+            scale, cur = scale / c, x
+        else:
+            raise Skip(f"unsupported op between q·kᵀ and softmax: {cur.format_node()}")
+    raise Skip("too many ops between q·kᵀ and softmax")
+
+
+def _reaches_qk(node, depth: int = 8) -> bool:
+    """Does ``node`` lead back, through elementwise ops, to a matmul with kᵀ (i.e. is it the scores)?"""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op != "call_function" and node.op != "call_method":
+            return False
+        if (is_fn(node, *_MATMUL) or is_method(node, "matmul")) and _is_transpose_last2(node.args[1]) is not None:
+            return True
+        nxt = [a for a in node.args if isinstance(a, fx.Node)]
+        if not nxt:
+            return False
+        if len(nxt) > 1:
+            return any(_reaches_qk(a, depth - 1) for a in nxt)
+        node = nxt[0]
+    return False
+
+
+def _match_softmax(node: fx.Node) -> Match | None:
+    """A softmax over the last dim; None if it is not attention at all (no q·kᵀ upstream)."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    dim = _arg(node, 1, "dim")
+    if not isinstance(x, fx.Node) or not _reaches_qk(x):
+        return None  # a softmax that is not attention (router, sampler): not counted
+    if not _last_dim(node, dim):
+        raise Skip(f"softmax over dim {dim!r}, not the key dim")
+    qk, mask, scale, up = _upstream(x)
+    q, k = qk.args[0], _is_transpose_last2(qk.args[1])
+    chain = [node, qk.args[1], qk, *up]
+    cur = node
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            raise Skip(f"the attention probabilities ({cur.name}) are used {len(users)} times "
+                       "(returned with output_attentions?): specache never materialises them")
+        u = users[0]
+        if is_method(u, *_CAST_METHODS) or is_fn(u, torch.Tensor.to):
+            cur = u
+        elif is_fn(u, F.dropout, torch.dropout, torch.nn.functional.dropout):
+            p = _arg(u, 1, "p", 0.5)
+            training = _arg(u, 2, "training", True)
+            if not (p == 0.0 or training is False):
+                raise Skip(f"attention dropout p={p!r}, training={training!r}")
+            cur = u
+        elif (is_fn(u, *_MATMUL) or is_method(u, "matmul")) and u.args[0] is cur:
+            return Match(u, "matmul", q, k, u.args[1], mask, False, scale, False, chain=chain + _between(node, u))
+        else:
+            raise Skip(f"unsupported op after softmax: {u.format_node()}")
+
+
+def _between(start: fx.Node, end: fx.Node) -> list[fx.Node]:
+    out, cur = [], start
+    while cur is not end:
+        cur = next(iter(cur.users))
+        out.append(cur)
+    return out[:-1]
+
+
+def find(graph: fx.Graph) -> list[tuple[fx.Node, str, Match | Skip]]:
+    """Every attention in graph order, with its match or the reason it cannot be matched."""
+    out = []
+    for node in graph.nodes:
+        try:
+            if is_fn(node, *_SDPA):
+                out.append((node, "sdpa", _match_sdpa(node)))
+            elif is_fn(node, *_SOFTMAX) or is_method(node, "softmax"):
+                m = _match_softmax(node)
+                if m is not None:
+                    out.append((node, "matmul", m))
+        except Skip as why:
+            out.append((node, "sdpa" if is_fn(node, *_SDPA) else "matmul", why))
+    return out
+
+
+# -- naming ---------------------------------------------------------------------------------------------------------
+
+
+def site_name(node: fx.Node) -> str:
+    """A name stable across the graphs of one model (prefill, decode, recompiles, graph breaks): the path of the
+    innermost module the attention was traced in."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        for prefix in ("L['self'].", "L['self']", "self."):
+            if path.startswith(prefix):
+                path = path[len(prefix):]
+                break
+        return path or "model"
+    return "attention"
+
+
+# -- rewriting ------------------------------------------------------------------------------------------------------
+
+
+def _size(graph: fx.Graph, node: fx.Node, dim: int):
+    """node.shape[dim] as a constant when static, else a sym_size node."""
+    val = ev(node)
+    s = val.shape[dim]
+    if isinstance(s, int):
+        return s
+    return graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+
+
+def _placeholder(graph: fx.Graph, like: fx.Node, new: fx.Node, seq_len) -> fx.Node:
+    """A zero-stride tensor with ``like``'s shape and dtype: what the model's cache object keeps instead of the KV.
+
+    The model's cache (DynamicCache, StaticCache) still needs tensors of the right shape (it derives positions and
+    masks from ``keys.shape[-2]``), but after the rewrite nothing reads their values: a 0-d zero expanded to
+    [B, H, S, D] costs one element. Returned as a graph output, it becomes the cache's attribute; fed back next step,
+    it is the ``past`` the next cat would have read.
+    """
+    val = ev(like)
+    zero = graph.call_function(torch.zeros, ((),), {"dtype": val.dtype, "device": val.device})
+    sizes = [_size(graph, new, 0), _size(graph, new, 1), seq_len, _size(graph, new, 3)]
+    return graph.call_method("expand", (zero, *sizes))
+
+
+def _base_len(graph: fx.Graph, src: KVSource):
+    if src.mode == INDEX:
+        return _size(graph, src.base, 2)
+    sn = _size(graph, src.new, 2)
+    pv = ev(src.past)
+    if pv.dim() != 4:  # the empty tensor([]) an uninitialised DynamicLayer holds
+        return sn
+    past = _size(graph, src.past, 2)
+    if isinstance(past, int) and isinstance(sn, int):
+        return past + sn
+    return graph.call_function(operator.add, (past, sn))
+
+
+def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
+    """Erase candidates (and their now-dead inputs among them) that have no users left. Only these: a general DCE
+    would also drop in-place ops it cannot see are needed (a cache's length counter's ``add_``)."""
+    pending = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                graph.erase_node(n)
+                pending.discard(n)
+                changed = True
+
+
+def rewrite(gm: fx.GraphModule, handle: int) -> list[SiteReport]:
+    """Rewrite every attention of ``gm`` it can; returns a report per attention found."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    reports: list[SiteReport] = []
+    seen: dict[str, int] = {}
+    for node, kind, match in find(graph):
+        name = site_name(node)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name] - 1}"
+        try:
+            if isinstance(match, Skip):
+                raise match
+            ks, vs = resolve(match.k, match.node, order), resolve(match.v, match.node, order)
+            check_pair(ks, vs)
+            _check_shapes(match, ks)
+            for src in (ks, vs):
+                allowed = set(src.chain) | set(match.chain) | {match.node, *src.writers}
+                bad = shape_only_users(src.base, allowed)
+                if bad:
+                    raise Skip(f"the cached tensor {src.base.name} is also read by {bad[0].format_node()}")
+        except Skip as why:
+            reports.append(SiteReport(name, kind, "skipped", str(why)))
+            counters["specache"]["attention_skipped"] += 1
+            if (name, str(why)) not in _warned:
+                _warned.add((name, str(why)))
+                log.warning("specache: attention %s (%s, node %s) keeps its original code: %s", name, kind,
+                            node.name, why)
+            continue
+        _apply(graph, match, ks, vs, handle, name)
+        counters["specache"]["attention_rewritten"] += 1
+        reports.append(SiteReport(name, kind, "rewritten", mode="append" if ks.mode == APPEND else "index"))
+        log.debug("specache: rewrote attention %s (%s, %s)", name, kind, reports[-1].mode)
+    graph.lint()
+    gm.recompile()
+    return reports
+
+
+def _check_shapes(m: Match, ks: KVSource) -> None:
+    qv, kv, nv = ev(m.q), ev(m.k), ev(ks.new)
+    if qv is None or qv.dim() != 4 or nv is None:
+        raise Skip("q or the new keys are not 4-D [B, H, S, D] tensors")
+    hq, hkv = qv.shape[1], nv.shape[1]
+    if not isinstance(hq, int) or not isinstance(hkv, int) or hq % hkv:
+        raise Skip(f"{hq} query heads do not split into {hkv} KV heads")
+    heads_seen = kv.shape[1] if kv is not None else None
+    if not m.gqa and heads_seen != hq and m.kind == "sdpa":
+        raise Skip(f"k has {heads_seen} heads for {hq} query heads without enable_gqa")
+
+
+def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, name: str) -> None:
+    qv = ev(m.q)
+    scale = m.scale if m.scale is not None else 1.0 / math.sqrt(qv.shape[-1])
+    col = ks.col_slice or (None, None)
+    with graph.inserting_before(m.node):
+        base_len = _base_len(graph, ks)
+        out = graph.call_function(
+            torch.ops.specache.attend.default,
+            (m.q, ks.new, vs.new, m.mask, ks.write_pos, base_len, col[0], col[1], ks.mode, float(scale),
+             m.is_causal, handle, name),
+        )
+    keep = ("nn_module_stack", "stack_trace", "source_fn_stack")
+    out.meta.update({k: v for k, v in m.node.meta.items() if k in keep})
+    out.meta["example_value"] = ev(m.node)
+    m.node.replace_all_uses_with(out)
+    dead = [m.node, *m.chain]
+    for src in (ks, vs):
+        for w in src.writers:
+            graph.erase_node(w)
+        dead += src.chain
+        base = src.base
+        # The cache tensor itself (the cat, or a buffer the graph allocated) becomes a zero-stride placeholder for
+        # whatever else holds it (the cache object, through the graph's outputs).
+        if base.op == "call_function":
+            others = [u for u in base.users if u not in src.chain and u is not m.node]
+            if others:
+                # inserting_before(next) keeps insertion order; the placeholder must precede every user of base
+                with graph.inserting_before(base.next):
+                    seq = _base_len(graph, src) if src.mode == APPEND else _size(graph, base, 2)
+                    ph = _placeholder(graph, base, src.new, seq)
+                for u in others:
+                    u.replace_input_with(base, ph)
+            dead.append(base)
+            if src.past is not None and src.past.op == "call_function":
+                dead.append(src.past)  # the empty tensor([]) of an uninitialised cache layer
+    _erase_dead(graph, dead)

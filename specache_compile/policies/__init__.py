@@ -1,0 +1,14 @@
+"""KV-cache policies: one small file per method, registered by name.
+
+A policy decides, for each decode step of one attention site, which tokens take part in attention and at what
+precision, and what it keeps on the device between steps. It sees the runtime's store (``runtime.store.Site``) and
+calls kernels (``kernels.ops``); it never sees the graph, and the pass never knows which policy runs.
+"""
+
+from __future__ import annotations
+
+from .base import Policy, register_policy, registered
+from .full import FullPolicy
+from .specache import SpeCachePolicy
+
+__all__ = ["Policy", "register_policy", "registered", "FullPolicy", "SpeCachePolicy"]

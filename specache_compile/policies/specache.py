@@ -1,0 +1,149 @@
+"""SpeCache: the full KV in host memory, a low-bit copy on the device scores which tokens matter, the top-k come back.
+
+Paper: Jie, Tang, Han, Deng, Han, "SpeCache: Speculative Key-Value Caching for Efficient Generation of LLMs",
+ICML 2025, arXiv 2503.16163 (digest: ../shared/research/papers.md §1).
+
+Decode step t of one layer, for query q_t (Algorithm 3, without the speculative row, which the stream manager adds):
+
+    s_j   = scale · q_t · K'_j                       for every cached position j (K' = KIVI low-bit keys)
+    p     = softmax(s + mask)                         per query head; GQA: p averaged over the heads of a KV group
+    κ_t   = ArgTopK_j(p_j, k)                         per KV head, over positions outside sinks ∪ window
+    K̃    = K' with rows κ_t replaced by the full-precision K_κ fetched from the host (same for V)
+    o_t   = softmax(scale · q_t · [K̃; K_win]ᵀ + mask) · [Ṽ; V_win]
+
+Device state per layer: the KIVI copy (keys per channel over groups of ``group_size`` tokens, values per token over
+groups of ``group_size`` channels), the full-precision recent window (the tokens not yet forming a whole group past
+``window``, so between ``window`` and ``window + group_size - 1`` of them: a partial group is never quantized and
+appending a token never re-quantizes the past, as KIVI's residual), the sinks, and one fetch buffer of ``topk`` rows.
+
+Choices the paper leaves open, made here: the top-k candidates exclude sinks and the window (they are already in full
+precision); the softmax that ranks candidates runs over all attended columns, window included, so the averaged
+probabilities of a GQA group are comparable across heads (the port averages probabilities too).
+``lowbit_remainder=False`` drops the non-fetched tokens instead of attending to their low-bit copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import ops
+from ..runtime.buffers import Growable
+from .base import Policy, register_policy
+
+
+@register_policy
+class SpeCachePolicy(Policy):
+    name = "specache"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bits = config.bits
+        self.group = config.group_size
+        self.topk = config.topk
+        self.window = config.window
+        self.sinks = config.sinks
+        self.lowbit_remainder = config.lowbit_remainder
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def reset(self, site):
+        site.tier.clear()
+        dev = site.device
+        b, h, d, dv = site.batch, site.heads, site.head_dim, site.v_head_dim
+        vgroup = min(self.group, dv)
+        t = site.tier
+        t["nq"] = 0
+        t["kq"] = Growable((b, h), (d * self.bits // 8,), torch.uint8, dev)
+        t["ks"] = Growable((b, h), (d,), site.dtype, dev)
+        t["kz"] = Growable((b, h), (d,), site.dtype, dev)
+        t["vq"] = Growable((b, h), (dv * self.bits // 8,), torch.uint8, dev)
+        t["vs"] = Growable((b, h), (dv // vgroup,), site.dtype, dev)
+        t["vz"] = Growable((b, h), (dv // vgroup,), site.dtype, dev)
+        t["win_k"] = Growable((b, h), (d,), site.dtype, dev)
+        t["win_v"] = Growable((b, h), (dv,), site.dtype, dev)
+        t["sink_k"] = Growable((b, h), (d,), site.dtype, dev)
+        t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
+        # The one device buffer fetched rows land in, sized once: topk rows per KV head.
+        t["fetch_k"] = torch.empty((b, h, self.topk, d), dtype=site.dtype, device=dev)
+        t["fetch_v"] = torch.empty((b, h, self.topk, dv), dtype=site.dtype, device=dev)
+
+    def append(self, site, k, v, start):
+        # k, v: [B, Hkv, Sn, D] on the device, positions [start, start + Sn).
+        t = site.tier
+        if start < self.sinks:
+            n = min(self.sinks - start, k.shape[2])
+            t["sink_k"].append(k[:, :, :n])
+            t["sink_v"].append(v[:, :, :n])
+        t["win_k"].append(k)
+        t["win_v"].append(v)
+        end = start + k.shape[2]
+        # Quantize whole groups that have left the window; the rest (< window + group) stays in full precision.
+        target = max(0, (end - self.window) // self.group * self.group)
+        n_new = target - t["nq"]
+        if n_new > 0:
+            kq, ks, kz = ops.quantize_keys(t["win_k"].view(0, n_new), self.bits, self.group)
+            vq, vs, vz = ops.quantize_values(t["win_v"].view(0, n_new), self.bits, self.group)
+            for name, x in (("kq", kq), ("ks", ks), ("kz", kz), ("vq", vq), ("vs", vs), ("vz", vz)):
+                t[name].append(x)
+            t["win_k"].drop_front(n_new)
+            t["win_v"].drop_front(n_new)
+            t["nq"] = target
+
+    # -- decode ---------------------------------------------------------------------------------------------------
+    def _dequant_range(self, site, lo, hi, dtype):
+        """Low-bit K, V of positions [lo, hi) (hi <= nq) dequantized: [B, Hkv, hi-lo, D]."""
+        t, g = site.tier, self.group
+        g0, g1 = lo // g, -(-hi // g)
+        k = ops.dequantize_keys(
+            t["kq"].view(g0 * g, g1 * g), t["ks"].view(g0, g1), t["kz"].view(g0, g1), self.bits, g, dtype
+        )
+        v = ops.dequantize_values(
+            t["vq"].view(g0 * g, g1 * g), t["vs"].view(g0 * g, g1 * g), t["vz"].view(g0 * g, g1 * g),
+            self.bits, g, dtype,
+        )
+        off = g0 * g
+        return k[:, :, lo - off : hi - off], v[:, :, lo - off : hi - off]
+
+    def decode(self, site, q, bias, lo, hi, scale):
+        # q: [B, Hq, 1, D]; attended store positions [lo, hi); bias [.., 1, hi - lo] or None.
+        t = site.tier
+        nq = t["nq"]
+        b, hq = q.shape[:2]
+        hkv = site.heads
+        qhi = max(lo, min(hi, nq))  # columns [lo, qhi) are low-bit on the device, [qhi, hi) in the window
+        k_win = t["win_k"].view(qhi - nq, hi - nq)
+        v_win = t["win_v"].view(qhi - nq, hi - nq)
+        if qhi == lo:  # everything attended is in full precision on the device already
+            return ops.sparse_attention(q, k_win, v_win, bias, scale)
+
+        k_low, v_low = self._dequant_range(site, lo, qhi, q.dtype)
+        # Rank candidates [c_lo, qhi): low-bit scores, softmax over every attended column.
+        c_lo = max(lo, min(self.sinks, qhi))
+        n_cand = qhi - c_lo
+        k_cols = torch.cat([k_low, k_win], dim=2)
+        v_cols = torch.cat([v_low, v_win], dim=2)
+        if n_cand <= self.topk:
+            # topk covers every candidate: fetch them all, the attention is exact.
+            idx = torch.arange(c_lo, qhi, device=q.device).expand(b, hkv, n_cand)
+        else:
+            logits = ops.attention_logits(q, k_cols, scale)  # [B, Hq, 1, ncols] fp32
+            if bias is not None:
+                logits = logits + bias
+            probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : n_cand + c_lo - lo]  # [B, Hq, 1, n_cand]
+            probs = probs.reshape(b, hkv, hq // hkv, n_cand).mean(dim=2)  # GQA: mean over the group
+            idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions
+        k_f, v_f = site.fetch(idx, t["fetch_k"], t["fetch_v"])
+        rel = (idx - lo).unsqueeze(-1)
+        k_cols[:, :, : qhi - lo].scatter_(2, rel.expand(-1, -1, -1, k_cols.shape[-1]), k_f)
+        v_cols[:, :, : qhi - lo].scatter_(2, rel.expand(-1, -1, -1, v_cols.shape[-1]), v_f)
+        if c_lo > lo:  # sinks, full precision from the device
+            k_cols[:, :, : c_lo - lo] = t["sink_k"].view(lo, c_lo)
+            v_cols[:, :, : c_lo - lo] = t["sink_v"].view(lo, c_lo)
+        if not self.lowbit_remainder and n_cand > self.topk:
+            keep = torch.zeros(b, hkv, hi - lo, dtype=torch.bool, device=q.device)
+            keep[:, :, : c_lo - lo] = True
+            keep[:, :, qhi - lo :] = True
+            keep.scatter_(2, idx - lo, True)
+            drop = torch.zeros(keep.shape, dtype=torch.float32, device=q.device).masked_fill_(~keep, float("-inf"))
+            drop = drop.repeat_interleave(hq // hkv, dim=1).unsqueeze(2)  # [B, Hq, 1, ncols]
+            bias = drop if bias is None else bias + drop
+        return ops.sparse_attention(q, k_cols, v_cols, bias, scale)

@@ -1,0 +1,81 @@
+"""A buffer that grows along the sequence dim: [*prefix, capacity, *row].
+
+Host buffers are pinned when asked (cudaHostAlloc is slow and synchronising: set ``Config.max_seq_len`` to allocate
+once up front). Growth doubles the capacity, so appending one token per step costs amortised O(1) copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Growable:
+    def __init__(
+        self,
+        prefix: tuple[int, ...],
+        row: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        pin: bool = False,
+        capacity: int = 0,
+    ) -> None:
+        self.prefix, self.row, self.dtype, self.device, self.pin = tuple(prefix), tuple(row), dtype, device, pin
+        self.length = 0
+        self.data = self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        shape = (*self.prefix, capacity, *self.row)
+        return torch.empty(shape, dtype=self.dtype, device=self.device, pin_memory=self.pin)
+
+    @property
+    def seq_dim(self) -> int:
+        return len(self.prefix)
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.data.shape[self.seq_dim]:
+            return
+        new = self._alloc(max(capacity, 2 * self.data.shape[self.seq_dim], 16))
+        if self.length:
+            new.narrow(self.seq_dim, 0, self.length).copy_(self.view())
+        self.data = new
+
+    def append(self, x: torch.Tensor) -> None:
+        # x: [*prefix, n, *row]
+        n = x.shape[self.seq_dim]
+        self.reserve(self.length + n)
+        self.data.narrow(self.seq_dim, self.length, n).copy_(x)
+        self.length += n
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """Write x at [start, start + n); start <= length (no holes)."""
+        assert start <= self.length, (start, self.length)
+        n = x.shape[self.seq_dim]
+        self.reserve(start + n)
+        self.data.narrow(self.seq_dim, start, n).copy_(x)
+        self.length = max(self.length, start + n)
+
+    def view(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        hi = self.length if hi is None else hi
+        assert 0 <= lo <= hi <= self.length, (lo, hi, self.length)
+        return self.data.narrow(self.seq_dim, lo, hi - lo)
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n rows (the window after its oldest group was quantized)."""
+        keep = self.length - n
+        if keep > 0:
+            # clone: source and destination overlap
+            self.data.narrow(self.seq_dim, 0, keep).copy_(self.view(n).clone())
+        self.length = keep
+
+    def clear(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (capacity, not just the rows in use): what the memory tier really holds."""
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def used_bytes(self) -> int:
+        return self.view().numel() * self.data.element_size()

@@ -1,0 +1,226 @@
+"""The runtime behind ``specache::attend``: one per compiled model, holding every site's store and the policy.
+
+The pass replaces each attention with one call of ``specache::attend`` that names its site; the op lands here.
+Here the new tokens are written to the site's store, the attended range of store positions is worked out from how
+the model's own cache would have laid it out, and the policy computes the attention (exactly, for multi-query calls).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..config import Config, KVHome
+from ..kernels import ops
+from ..policies import registered
+from .store import Site
+
+log = logging.getLogger("specache")
+
+# How the model's cache lays out the keys the original attention read (set by the pass, see passes/kv_source.py).
+APPEND = 0  # torch.cat([past, new], dim=-2): DynamicCache, DynamicSlidingWindowLayer; past_len = base_len - new
+INDEX = 1  # buf.index_copy_(2, pos, new) / buf[:, :, pos] = new: StaticCache, gpt-fast; columns are positions
+
+
+class CacheMismatch(RuntimeError):
+    pass
+
+
+_ids = itertools.count(1)
+_RUNTIMES: weakref.WeakValueDictionary[int, Runtime] = weakref.WeakValueDictionary()
+_BY_PARAM: weakref.WeakKeyDictionary[torch.Tensor, Runtime] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def get(handle: int) -> Runtime:
+    rt = _RUNTIMES.get(handle)
+    if rt is None:
+        raise RuntimeError(
+            f"specache: runtime {handle} no longer exists (its model was garbage-collected); recompile the model"
+        )
+    return rt
+
+
+def for_params(params: list[torch.Tensor], config: Config) -> Runtime:
+    """The runtime that owns these parameters (``torch.compile(m, backend="specache")`` compiles each graph of a model
+    separately, and all of them must share one store), created on first sight."""
+    with _lock:
+        for p in params:
+            rt = _BY_PARAM.get(p)
+            if rt is not None:
+                if rt.config != config:
+                    raise ValueError(
+                        "specache: this model was already compiled with another specache config; expected the same "
+                        f"options for every graph, got {config} after {rt.config}. Fix: torch._dynamo.reset() first."
+                    )
+                break
+        else:
+            rt = Runtime(config)
+        rt.adopt(params)
+        return rt
+
+
+def by_params(params) -> Runtime | None:
+    for p in params:
+        rt = _BY_PARAM.get(p)
+        if rt is not None:
+            return rt
+    return None
+
+
+class Runtime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.policy = registered()[config.policy].from_config(config)
+        self.sites: dict[str, Site] = {}
+        self.handle = next(_ids)
+        self.graph_stats: dict[str, dict[str, Any]] = {}  # site -> {"status": ..., "reason": ...} from the pass
+        self._params: list[weakref.ref] = []
+        _RUNTIMES[self.handle] = self
+
+    def adopt(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            _BY_PARAM[p] = self
+
+    # -- the op ---------------------------------------------------------------------------------------------------
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        mask: torch.Tensor | None,
+        write_pos: torch.Tensor | None,
+        base_len: int,
+        col_start: int | None,
+        col_stop: int | None,
+        mode: int,
+        scale: float,
+        is_causal: bool,
+        site_name: str,
+    ) -> torch.Tensor:
+        # q: [B, Hq, Sq, D]; k_new, v_new: [B, Hkv, Sn, D] the tokens this call adds; mask: [.., Sq, ncols] or None
+        sq, sn = q.shape[2], k_new.shape[2]
+        site = self.sites.get(site_name)
+        if mode == APPEND:
+            past = base_len - sn
+            if past == 0 or site is None:
+                if past != 0:
+                    raise CacheMismatch(
+                        f"specache: site {site_name} got a cache of {past} past tokens that specache never stored; "
+                        "expected a cache filled by this compiled model (start from an empty cache), got one from "
+                        "elsewhere. Fix: pass a fresh cache (or none) to the compiled model."
+                    )
+                site = self._reset(site_name, site, k_new, v_new)
+            elif past > site.length:
+                raise CacheMismatch(
+                    f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
+                    "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
+                )
+            start = site.length
+            first = start + sn - base_len  # store position of base column 0 (> 0 for a sliding-window layer)
+        else:
+            # NOTE: reading the write positions to the host syncs with the device once per layer per step; the stream
+            # manager keeps a host-side mirror instead.
+            pos = write_pos.reshape(-1).to("cpu")
+            start = int(pos[0])
+            if pos.numel() != sn or not torch.equal(pos, torch.arange(start, start + sn)):
+                raise CacheMismatch(
+                    f"specache: site {site_name} writes positions {pos.tolist()[:8]}...; expected {sn} consecutive "
+                    "positions. Fix: write the cache in order (cache_position = arange(past, past + n))."
+                )
+            if start == 0 or site is None:
+                if start != 0:
+                    raise CacheMismatch(
+                        f"specache: site {site_name} writes at position {start} but its store is empty; expected a "
+                        "cache filled by this compiled model from position 0. Fix: prefill through the compiled model."
+                    )
+                site = self._reset(site_name, site, k_new, v_new)
+            elif start != site.length:
+                raise CacheMismatch(
+                    f"specache: site {site_name} writes at position {start} but its store holds {site.length} "
+                    "tokens; expected the next position. Fix: re-prefill; specache does not rewind the store."
+                )
+            first = 0
+        if not site.matches(k_new, v_new):
+            raise CacheMismatch(
+                f"specache: site {site_name} was prefilled with batch {site.batch}, {site.heads} KV heads, "
+                f"{site.dtype} on {site.device}; got {tuple(k_new.shape)} {k_new.dtype} on {k_new.device} without a "
+                "new prefill. Fix: start a new sequence (empty cache) when the batch changes."
+            )
+        site.write(start, k_new, v_new)
+        self.policy.append(site, k_new, v_new, start)
+
+        # Base columns [lo, hi) of what the original attention read, then store positions [p_lo, p_hi).
+        lo, hi, step = slice(col_start, col_stop).indices(base_len)
+        if step != 1:
+            raise CacheMismatch(f"specache: site {site_name}: strided KV slice (step {step}) reached the runtime")
+        ncols = max(0, hi - lo)
+        p_lo, p_hi = first + lo, first + lo + ncols
+        valid = max(p_lo, min(p_hi, site.length))  # INDEX mode: columns past the written length are never read
+        bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
+        if bias is not None and valid < p_hi:
+            bias = bias[..., : valid - p_lo]
+        p_hi = valid
+
+        if sq > 1:
+            site.stats.prefill_tokens += sn
+            if (p_lo, p_hi) == (start, start + sn):  # the attended tokens are exactly the new ones: no round trip
+                k, v = k_new, v_new
+            else:
+                k, v = site.fetch_range(p_lo, p_hi)
+            return ops.sparse_attention(q, k, v, bias, scale)
+        site.stats.decode_steps += 1
+        out = self.policy.decode(site, q, bias, p_lo, p_hi, scale)
+        if self.config.measure_error:
+            self._measure(site, q, bias, p_lo, p_hi, scale, out)
+        return out
+
+    def _reset(self, name: str, site: Site | None, k_new: torch.Tensor, v_new: torch.Tensor) -> Site:
+        if site is None or not site.matches(k_new, v_new):
+            home_host = self.config.kv_home == KVHome.HOST
+            host_device = torch.device("cpu") if home_host else k_new.device
+            site = Site(
+                name=name,
+                batch=k_new.shape[0],
+                heads=k_new.shape[1],
+                head_dim=k_new.shape[3],
+                v_head_dim=v_new.shape[3],
+                dtype=k_new.dtype,
+                device=k_new.device,
+                host_device=host_device,
+                # pinned host memory only where a device will copy from it
+                pin=home_host and k_new.device.type == "cuda",
+                home=self.config.kv_home.value,
+                capacity=self.config.max_seq_len or 0,
+            )
+            self.sites[name] = site
+        site.truncate(0)
+        site.stats = type(site.stats)()
+        self.policy.reset(site)
+        return site
+
+    def _measure(self, site, q, bias, lo, hi, scale, out) -> None:
+        k, v = site.k.view(lo, hi).to(site.device), site.v.view(lo, hi).to(site.device)
+        exact = ops.sparse_attention(q, k, v, bias, scale).float()
+        err = ((out.float() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+        st = site.stats
+        st.err_sum += err
+        st.err_max = max(st.err_max, err)
+        st.err_count += 1
+
+    # -- reporting ------------------------------------------------------------------------------------------------
+    def tier_bytes(self) -> dict[str, int]:
+        out = {"host": 0, "device": 0}
+        for s in self.sites.values():
+            for k, v in s.tier_bytes().items():
+                out[k] += v
+        return out
+
+    def site_stats(self) -> dict[str, dict[str, Any]]:
+        return {name: {"length": s.length, **asdict(s.stats), **s.tier_bytes()} for name, s in self.sites.items()}

@@ -1,0 +1,107 @@
+"""One attention site's KV: the full-precision store (host memory by default) and the policy's device tier.
+
+Bytes are reported per tier so tests and benchmarks can check where they live: ``host`` is the full KV, ``device``
+is whatever the policy keeps next to the model (low-bit copy, window, sinks, fetch buffers). On a CPU-only machine
+both tiers are host memory; the split is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..kernels import ops
+from .buffers import Growable
+
+
+@dataclass
+class SiteStats:
+    decode_steps: int = 0
+    prefill_tokens: int = 0
+    fetched_rows: int = 0  # full-precision KV rows brought from the store to the device, summed over KV heads
+    fetched_bytes: int = 0
+    err_sum: float = 0.0  # relative error of the policy's attention output against exact attention (measure_error)
+    err_max: float = 0.0
+    err_count: int = 0
+
+
+@dataclass
+class Site:
+    name: str
+    batch: int
+    heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    host_device: torch.device
+    pin: bool
+    home: str = "host"  # Config.kv_home: which tier the full KV counts toward
+    capacity: int = 0
+    tier: dict[str, Any] = field(default_factory=dict)
+    stats: SiteStats = field(default_factory=SiteStats)
+
+    def __post_init__(self) -> None:
+        prefix = (self.batch, self.heads)
+        kw = {"pin": self.pin, "capacity": self.capacity}
+        self.k = Growable(prefix, (self.head_dim,), self.dtype, self.host_device, **kw)
+        self.v = Growable(prefix, (self.v_head_dim,), self.dtype, self.host_device, **kw)
+
+    @property
+    def length(self) -> int:
+        return self.k.length
+
+    def matches(self, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
+        b, h, _, d = k_new.shape
+        return (b, h, d, v_new.shape[-1], k_new.dtype, k_new.device) == (
+            self.batch, self.heads, self.head_dim, self.v_head_dim, self.dtype, self.device,
+        )
+
+    def write(self, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        # NOTE: a synchronous device->host copy. The stream manager (runtime/streams.py) moves it to a side stream.
+        self.k.write(start, k_new)
+        self.v.write(start, v_new)
+
+    def truncate(self, n: int) -> None:
+        self.k.length = min(self.k.length, n)
+        self.v.length = min(self.v.length, n)
+
+    def fetch_range(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision K, V of positions [lo, hi) on the model's device: [B, Hkv, hi-lo, D]."""
+        k = self.k.view(lo, hi).to(self.device, non_blocking=False)
+        v = self.v.view(lo, hi).to(self.device, non_blocking=False)
+        self._count(k, v)
+        return k, v
+
+    def fetch(
+        self, idx: torch.Tensor, out_k: torch.Tensor | None = None, out_v: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows idx [B, Hkv, K] of the store, full precision, on the model's device (into out_* when given)."""
+        n = idx.shape[-1]
+        out_k = out_k[:, :, :n] if out_k is not None and out_k.shape[2] >= n else None
+        out_v = out_v[:, :, :n] if out_v is not None and out_v.shape[2] >= n else None
+        k = ops.gather_rows(self.k.view(), idx, out_k, self.device)
+        v = ops.gather_rows(self.v.view(), idx, out_v, self.device)
+        self._count(k, v)
+        return k, v
+
+    def _count(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.stats.fetched_rows += k.shape[0] * k.shape[1] * k.shape[2]
+        self.stats.fetched_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    def tier_bytes(self) -> dict[str, int]:
+        host = self.k.nbytes + self.v.nbytes
+        dev = sum(_nbytes(x) for x in self.tier.values())
+        if self.home == "device":
+            return {"host": 0, "device": host + dev}
+        return {"host": host, "device": dev}
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, Growable):
+        return x.nbytes
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return 0
