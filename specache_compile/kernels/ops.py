@@ -152,6 +152,16 @@ def gather_rows(
     return ref.gather_rows(src, idx, out)
 
 
+def exact_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
+) -> torch.Tensor:
+    """SDPA over full-precision k, v [B, Hkv, N, D] (GQA through enable_gqa): prefill attention."""
+    hq, hkv = q.shape[1], k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv
+    )
+
+
 # -- small helpers the runtime shares -------------------------------------------------------------------------------
 
 

@@ -58,8 +58,8 @@ class SpeCachePolicy(Policy):
         t["vq"] = Growable((b, h), (dv * self.bits // 8,), torch.uint8, dev)
         t["vs"] = Growable((b, h), (dv // vgroup,), site.dtype, dev)
         t["vz"] = Growable((b, h), (dv // vgroup,), site.dtype, dev)
-        t["win_k"] = Growable((b, h), (d,), site.dtype, dev)
-        t["win_v"] = Growable((b, h), (dv,), site.dtype, dev)
+        t["win_k"] = Growable((b, h), (d,), site.dtype, dev, capacity=self.window + self.group)
+        t["win_v"] = Growable((b, h), (dv,), site.dtype, dev, capacity=self.window + self.group)
         t["sink_k"] = Growable((b, h), (d,), site.dtype, dev)
         t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
         # The one device buffer fetched rows land in, sized once: topk rows per KV head.
@@ -73,20 +73,26 @@ class SpeCachePolicy(Policy):
             n = min(self.sinks - start, k.shape[2])
             t["sink_k"].append(k[:, :, :n])
             t["sink_v"].append(v[:, :, :n])
-        t["win_k"].append(k)
-        t["win_v"].append(v)
         end = start + k.shape[2]
-        # Quantize whole groups that have left the window; the rest (< window + group) stays in full precision.
-        target = max(0, (end - self.window) // self.group * self.group)
+        # Quantize whole groups that have left the window; the rest (< window + group tokens) stays in full
+        # precision. Quantized straight from [window; new] so the window buffer never grows to a prefill's size.
+        target = max(t["nq"], (end - self.window) // self.group * self.group)
         n_new = target - t["nq"]
         if n_new > 0:
-            kq, ks, kz = ops.quantize_keys(t["win_k"].view(0, n_new), self.bits, self.group)
-            vq, vs, vz = ops.quantize_values(t["win_v"].view(0, n_new), self.bits, self.group)
+            k_all = torch.cat([t["win_k"].view(), k], dim=2)
+            v_all = torch.cat([t["win_v"].view(), v], dim=2)
+            kq, ks, kz = ops.quantize_keys(k_all[:, :, :n_new], self.bits, self.group)
+            vq, vs, vz = ops.quantize_values(v_all[:, :, :n_new], self.bits, self.group)
             for name, x in (("kq", kq), ("ks", ks), ("kz", kz), ("vq", vq), ("vs", vs), ("vz", vz)):
                 t[name].append(x)
-            t["win_k"].drop_front(n_new)
-            t["win_v"].drop_front(n_new)
+            t["win_k"].clear()
+            t["win_v"].clear()
+            t["win_k"].append(k_all[:, :, n_new:])
+            t["win_v"].append(v_all[:, :, n_new:])
             t["nq"] = target
+        else:
+            t["win_k"].append(k)
+            t["win_v"].append(v)
 
     # -- decode ---------------------------------------------------------------------------------------------------
     def _dequant_range(self, site, lo, hi, dtype):

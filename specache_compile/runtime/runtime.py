@@ -162,19 +162,22 @@ class Runtime:
             raise CacheMismatch(f"specache: site {site_name}: strided KV slice (step {step}) reached the runtime")
         ncols = max(0, hi - lo)
         p_lo, p_hi = first + lo, first + lo + ncols
-        valid = max(p_lo, min(p_hi, site.length))  # INDEX mode: columns past the written length are never read
-        bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
-        if bias is not None and valid < p_hi:
-            bias = bias[..., : valid - p_lo]
-        p_hi = valid
-
         if sq > 1:
+            # Multi-query calls (prefill, chunked prefill) are exact attention for every policy, through SDPA itself:
+            # flash/memory-efficient kernels on CUDA, and the very kernel the original graph called.
             site.stats.prefill_tokens += sn
             if (p_lo, p_hi) == (start, start + sn):  # the attended tokens are exactly the new ones: no round trip
                 k, v = k_new, v_new
             else:
-                k, v = site.fetch_range(p_lo, p_hi)
-            return ops.sparse_attention(q, k, v, bias, scale)
+                k, v = site.fetch_range(p_lo, min(p_hi, site.length))
+            if mask is not None and k.shape[2] < ncols:
+                mask = mask[..., : k.shape[2]]  # INDEX mode: columns past the written length are never read
+            return ops.exact_attention(q, k, v, mask, is_causal, scale)
+        bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
+        valid = max(p_lo, min(p_hi, site.length))  # INDEX mode: columns past the written length are never read
+        if bias is not None and valid < p_hi:
+            bias = bias[..., : valid - p_lo]
+        p_hi = valid
         site.stats.decode_steps += 1
         out = self.policy.decode(site, q, bias, p_lo, p_hi, scale)
         if self.config.measure_error:

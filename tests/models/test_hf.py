@@ -1,0 +1,161 @@
+"""transformers models built from small configs: the pass must rewrite every attention, and policy="full" (and
+specache with topk >= context) must give the unmodified model's logits and greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import build, twin
+from numerics import FP32_REL, LOWP_FACTOR, rel_err
+from transformers import DynamicCache, StaticCache
+
+import specache
+
+ARCHS = ["llama", "mistral", "qwen2", "phi3", "gpt2"]
+STEPS = 32
+MAX_LEN = 128
+
+
+def make_cache(kind: str, model):
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=MAX_LEN)
+    return DynamicCache(config=model.config)
+
+
+def padded_batch(lengths=(24, 17, 9), seed=0):
+    """A batch of len(lengths) left-padded prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    s = max(lengths)
+    ids = torch.zeros(len(lengths), s, dtype=torch.long)
+    mask = torch.zeros(len(lengths), s, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, s - n:] = torch.randint(2, 128, (n,), generator=g)
+        mask[i, s - n:] = 1
+    return ids, mask
+
+
+def decode_loop(model, ids, mask, cache, steps, forced=None):
+    """Prefill then ``steps`` single-token steps by hand; returns (last-position logits per step, tokens fed)."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    logits, toks = [out.logits[:, -1].float()], []
+    for i in range(steps):
+        tok = forced[i] if forced is not None else out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
+        logits.append(out.logits[:, -1].float())
+    return logits, toks
+
+
+def assert_all_rewritten(model, steps_at_least: int):
+    st = specache.stats(model)
+    assert st["found"] > 0 and st["rewritten"] == st["found"], st["sites"]
+    # the op really ran for every site, every step: a silent fallback to eager cannot pass
+    assert all(s["decode_steps"] >= steps_at_least for s in st["store"].values()), st["store"]
+    return st
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_policy_matches_unmodified(arch, attn, cache):
+    model = build(arch, attn)
+    ref = twin(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want, toks = decode_loop(ref, ids, mask, make_cache(cache, ref), STEPS)
+        specache.compile(model, policy="full")
+        got, _ = decode_loop(model, ids, mask, make_cache(cache, model), STEPS, forced=toks)
+
+    if arch == "mistral" and cache == "static":
+        # StaticSlidingWindowLayer rolls its buffer in place (roll + copy_): the pass must leave it alone, and say so
+        st = specache.stats(model)
+        assert st["rewritten"] == 0 and st["skipped"] == st["found"] > 0
+        assert all("cannot follow" in s["reason"] for s in st["sites"].values()), st["sites"]
+    else:
+        assert_all_rewritten(model, STEPS)
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= FP32_REL, errs
+
+    # greedy generate() through the same compiled model (a new sequence: the store restarts at prefill)
+    with torch.no_grad():
+        want_ids = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                past_key_values=make_cache(cache, ref))
+        got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                 past_key_values=make_cache(cache, model))
+    assert torch.equal(got_ids, want_ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_specache_topk_covering_context_is_exact(arch):
+    """policy="specache" with topk >= context length fetches everything: exact, although the low-bit copy exists."""
+    model = build(arch, "sdpa")
+    ref = twin(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want, toks = decode_loop(ref, ids, mask, DynamicCache(config=ref.config), STEPS)
+        specache.compile(model, policy="specache", topk=MAX_LEN, window=4, group_size=4, bits=2)
+        got, _ = decode_loop(model, ids, mask, DynamicCache(config=model.config), STEPS, forced=toks)
+    st = assert_all_rewritten(model, STEPS)
+    assert st["bytes"]["device"] > 0  # the low-bit copy and window really live on the device tier
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= FP32_REL, errs
+
+
+def test_generate_batch_one_no_padding():
+    """Batch 1 without a mask: SDPA gets is_causal / mask=None paths."""
+    model = build("llama", "sdpa")
+    ref = twin(model)
+    ids = torch.randint(2, 128, (1, 21))
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=STEPS, do_sample=False)
+        specache.compile(model, policy="full")
+        got = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    assert_all_rewritten(model, STEPS - 1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_within_eager_error(arch, attn):
+    """bf16: our logits err against a float64 reference no more than LOWP_FACTOR x the eager bf16 model's."""
+    model = build(arch, attn, dtype=torch.bfloat16)
+    oracle = twin(model).double()
+    eager = twin(model)
+    # no padding: float64 eager attention turns fully masked (padding) rows into NaN (its mask is finfo.min, which
+    # overflows to -inf when added), which would leave no reference to compare with
+    ids, mask = padded_batch(lengths=(24, 24))
+    with torch.no_grad():
+        want, toks = decode_loop(oracle, ids, mask, DynamicCache(config=oracle.config), STEPS)
+        base, _ = decode_loop(eager, ids, mask, DynamicCache(config=eager.config), STEPS, forced=toks)
+        specache.compile(model, policy="full")
+        got, _ = decode_loop(model, ids, mask, DynamicCache(config=model.config), STEPS, forced=toks)
+    assert_all_rewritten(model, STEPS)
+    ours = max(rel_err(g, w) for g, w in zip(got, want))
+    theirs = max(rel_err(b, w) for b, w in zip(base, want))
+    assert ours <= LOWP_FACTOR[torch.bfloat16] * theirs, (ours, theirs)
+
+
+def test_store_owns_the_kv():
+    """After the rewrite the model's own cache holds zero-stride placeholders and the store holds the tokens, with the
+    full KV in the host tier and only the policy's copy in the device tier."""
+    model = build("llama", "sdpa")
+    ids, mask = padded_batch()
+    specache.compile(model, policy="specache", topk=8, window=8, group_size=8, bits=2)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        decode_loop(model, ids, mask, cache, 8)
+    for layer in cache.layers:
+        assert layer.keys.stride() == (0, 0, 0, 0) and layer.values.stride() == (0, 0, 0, 0)
+        assert layer.keys.shape[-2] == ids.shape[1] + 8  # shapes still tell transformers the true length
+    st = specache.stats(model)
+    cfg = model.config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # K+V, fp32
+    tokens = (ids.shape[1] + 8) * ids.shape[0]
+    for s in st["store"].values():
+        assert s["length"] == ids.shape[1] + 8
+        assert s["host"] >= tokens * per_token  # the full KV (allocated capacity >= used)
+    assert st["bytes"]["host"] >= cfg.num_hidden_layers * tokens * per_token
