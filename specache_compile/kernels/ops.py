@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as ref
-
 # -- the op the pass inserts ----------------------------------------------------------------------------------------
 
 
@@ -51,116 +49,16 @@ def _(q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop, mode, sca
     return q.new_empty((*q.shape[:-1], v_new.shape[-1]))
 
 
-# -- kernels --------------------------------------------------------------------------------------------------------
+# -- kernels (one module per family; re-exported here so callers import one place) ---------------------------------
 
-
-@torch.library.custom_op("specache::quantize_keys", mutates_args=())
-def quantize_keys(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ref.quantize_keys(k, bits, group)
-
-
-@quantize_keys.register_fake
-def _(k, bits, group):
-    b, h, s, d = k.shape
-    return (k.new_empty((b, h, s, d * bits // 8), dtype=torch.uint8), k.new_empty((b, h, s // group, d)),
-            k.new_empty((b, h, s // group, d)))
-
-
-@torch.library.custom_op("specache::quantize_values", mutates_args=())
-def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ref.quantize_values(v, bits, group)
-
-
-@quantize_values.register_fake
-def _(v, bits, group):
-    b, h, s, d = v.shape
-    g = min(group, d)
-    return (v.new_empty((b, h, s, d * bits // 8), dtype=torch.uint8), v.new_empty((b, h, s, d // g)),
-            v.new_empty((b, h, s, d // g)))
-
-
-@torch.library.custom_op("specache::dequantize_keys", mutates_args=())
-def dequantize_keys(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, dtype: torch.dtype
-) -> torch.Tensor:
-    return ref.dequantize_keys(packed, scale, zero, bits, group, dtype)
-
-
-@dequantize_keys.register_fake
-def _(packed, scale, zero, bits, group, dtype):
-    b, h, s, p = packed.shape
-    return packed.new_empty((b, h, s, p * 8 // bits), dtype=dtype)
-
-
-@torch.library.custom_op("specache::dequantize_values", mutates_args=())
-def dequantize_values(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, dtype: torch.dtype
-) -> torch.Tensor:
-    return ref.dequantize_values(packed, scale, zero, bits, group, dtype)
-
-
-@dequantize_values.register_fake
-def _(packed, scale, zero, bits, group, dtype):
-    b, h, s, p = packed.shape
-    return packed.new_empty((b, h, s, p * 8 // bits), dtype=dtype)
-
-
-@torch.library.custom_op("specache::lowbit_scores", mutates_args=())
-def lowbit_scores(
-    q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-    softmax_scale: float,
-) -> torch.Tensor:
-    return ref.lowbit_scores(q, packed, scale, zero, bits, group, softmax_scale)
-
-
-@lowbit_scores.register_fake
-def _(q, packed, scale, zero, bits, group, softmax_scale):
-    return q.new_empty((*q.shape[:3], packed.shape[2]), dtype=torch.float32)
-
-
-@torch.library.custom_op("specache::topk_positions", mutates_args=())
-def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return ref.topk_positions(scores, k)
-
-
-@topk_positions.register_fake
-def _(scores, k):
-    return scores.new_empty((*scores.shape[:2], max(0, min(k, scores.shape[2]))), dtype=torch.int64)
-
-
-@torch.library.custom_op("specache::sparse_attention", mutates_args=())
-def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, softmax_scale: float
-) -> torch.Tensor:
-    return ref.sparse_attention(q, k, v, bias, softmax_scale)
-
-
-@sparse_attention.register_fake
-def _(q, k, v, bias, softmax_scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-def gather_rows(
-    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None, device: torch.device | None = None
-) -> torch.Tensor:
-    """Rows idx [B, H, K] of src [B, H, S, D] (host or device) on ``device``: [B, H, K, D].
-
-    Not a torch.library op: it moves data between memories and runs only inside the runtime, never in a graph.
-    """
-    if out is None and device is not None and torch.device(device) != src.device:
-        out = torch.empty((*idx.shape, src.shape[-1]), dtype=src.dtype, device=device)
-    return ref.gather_rows(src, idx, out)
-
-
-def exact_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
-) -> torch.Tensor:
-    """SDPA over full-precision k, v [B, Hkv, N, D] (GQA through enable_gqa): prefill attention."""
-    hq, hkv = q.shape[1], k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv
-    )
-
+from .attn_ops import exact_attention, lowbit_scores, sparse_attention, topk_positions  # noqa: E402,F401
+from .quant_ops import (  # noqa: E402,F401
+    dequantize_keys,
+    dequantize_values,
+    gather_rows,
+    quantize_keys,
+    quantize_values,
+)
 
 # -- small helpers the runtime shares -------------------------------------------------------------------------------
 

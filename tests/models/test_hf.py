@@ -89,10 +89,10 @@ def test_full_policy_matches_unmodified(arch, attn, cache):
     assert torch.equal(got_ids, want_ids)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_specache_topk_covering_context_is_exact(arch):
+@pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 1), ("gpt2", 4)])  # GQA, MQA, MHA
+def test_specache_topk_covering_context_is_exact(arch, kv_heads):
     """policy="specache" with topk >= context length fetches everything: exact, although the low-bit copy exists."""
-    model = build(arch, "sdpa")
+    model = build(arch, "sdpa", kv_heads=kv_heads)
     ref = twin(model)
     ids, mask = padded_batch()
     with torch.no_grad():
