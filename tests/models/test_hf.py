@@ -80,13 +80,15 @@ def test_full_policy_matches_unmodified(arch, attn, cache):
     errs = [rel_err(g, w) for g, w in zip(got, want)]
     assert max(errs) <= FP32_REL, errs
 
-    # greedy generate() through the same compiled model (a new sequence: the store restarts at prefill)
-    with torch.no_grad():
-        want_ids = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                                past_key_values=make_cache(cache, ref))
-        got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                                 past_key_values=make_cache(cache, model))
-    assert torch.equal(got_ids, want_ids)
+    if (attn, cache) == ("sdpa", "dynamic") or (arch == "llama" and (attn, cache) != ("eager", "dynamic")):
+        # greedy generate() through the same compiled model (a new sequence: the store restarts at prefill); a
+        # subset of the matrix, to keep the CPU suite short: generate() runs the same forward as the loop above
+        with torch.no_grad():
+            want_ids = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                    past_key_values=make_cache(cache, ref))
+            got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                     past_key_values=make_cache(cache, model))
+        assert torch.equal(got_ids, want_ids)
 
 
 @pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 1), ("gpt2", 4)])  # GQA, MQA, MHA
