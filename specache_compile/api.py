@@ -60,17 +60,27 @@ def runtime_of(model: torch.nn.Module) -> rt.Runtime:
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """How many attention sites the pass found, rewrote and left alone (with why), and the store's state per site.
 
-    {"found": n, "rewritten": n, "skipped": n, "sites": {name: {"status", "kind", "mode", "reason"}},
+    {"found": n, "rewritten": n, "skipped": n, "partial": n,
+     "sites": {name: {"status": "rewritten" | "skipped" | "partial", "kind", "mode", "reason", "graphs"}},
      "store": {name: {"length", "decode_steps", "fetched_rows", ..., "host", "device"}}, "bytes": {"host", "device"}}
     """
     runtime = runtime_of(model)
-    sites = {name: {"status": r.status, "kind": r.kind, "mode": r.mode, "reason": r.reason}
-             for name, r in runtime.graph_stats.items()}
+    sites = {}
+    for name, reports in runtime.graph_stats.items():
+        statuses = {r.status for r in reports}
+        # a site rewritten in one graph and left alone in another (e.g. prefill vs decode) is "partial": its store
+        # misses what the unrewritten graph saw, and the runtime refuses to continue such a sequence
+        status = statuses.pop() if len(statuses) == 1 else "partial"
+        reason = next((r.reason for r in reports if r.status == "skipped"), "")
+        mode = next((r.mode for r in reports if r.mode), "")
+        sites[name] = {"status": status, "kind": reports[-1].kind, "mode": mode, "reason": reason,
+                       "graphs": len(reports)}
     return {
         "policy": runtime.config.policy,
         "found": len(sites),
         "rewritten": sum(s["status"] == "rewritten" for s in sites.values()),
         "skipped": sum(s["status"] == "skipped" for s in sites.values()),
+        "partial": sum(s["status"] == "partial" for s in sites.values()),
         "sites": sites,
         "store": runtime.site_stats(),
         "bytes": runtime.tier_bytes(),

@@ -50,7 +50,7 @@ def specache_backend(
         runtime = rt.for_params(_params(example_inputs), config)
     reports = rewrite(gm, runtime.handle)
     for r in reports:
-        runtime.graph_stats[r.site] = r
+        runtime.graph_stats.setdefault(r.site, []).append(r)
     inner = _inner(runtime.config, example_inputs)
     log.debug("specache: %d attention site(s) in graph, inner compiler %s", len(reports), inner)
     if inner == "eager":

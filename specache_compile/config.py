@@ -84,12 +84,12 @@ class Config:
                     raise ValueError(f"specache.Config.{name}: expected one of {choices}, got {value!r}") from None
         from .policies import registered  # late: policies import config for type hints only
 
-        if self.policy not in registered():
+        if not isinstance(self.policy, str) or self.policy not in registered():
             raise ValueError(
                 f"specache.Config.policy: expected one of {sorted(registered())}, got {self.policy!r}; "
                 "register a new one with specache.register_policy"
             )
-        if self.bits not in (1, 2, 4):
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in (1, 2, 4):
             raise ValueError(f"specache.Config.bits: expected 1, 2 or 4, got {self.bits!r}")
         _positive_int("group_size", self.group_size)
         if self.group_size & (self.group_size - 1):

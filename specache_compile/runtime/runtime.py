@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import Config, KVHome
 from ..kernels import ops
@@ -34,7 +35,8 @@ class CacheMismatch(RuntimeError):
 
 _ids = itertools.count(1)
 _RUNTIMES: weakref.WeakValueDictionary[int, Runtime] = weakref.WeakValueDictionary()
-_BY_PARAM: weakref.WeakKeyDictionary[torch.Tensor, Runtime] = weakref.WeakKeyDictionary()
+# keyed by tensor identity: a WeakKeyDictionary would compare tensors with == (elementwise) on lookup
+_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -80,7 +82,7 @@ class Runtime:
         self.policy = registered()[config.policy].from_config(config)
         self.sites: dict[str, Site] = {}
         self.handle = next(_ids)
-        self.graph_stats: dict[str, dict[str, Any]] = {}  # site -> {"status": ..., "reason": ...} from the pass
+        self.graph_stats: dict[str, list] = {}  # site -> the pass's SiteReport for each graph the site appeared in
         self._params: list[weakref.ref] = []
         _RUNTIMES[self.handle] = self
 
@@ -113,8 +115,8 @@ class Runtime:
                 if past != 0:
                     raise CacheMismatch(
                         f"specache: site {site_name} got a cache of {past} past tokens that specache never stored; "
-                        "expected a cache filled by this compiled model (start from an empty cache), got one from "
-                        "elsewhere. Fix: pass a fresh cache (or none) to the compiled model."
+                        "expected a cache filled by this compiled model, got one from elsewhere"
+                        f"{self._skipped_note(site_name)}. Fix: pass a fresh cache (or none) to the compiled model."
                     )
                 site = self._reset(site_name, site, k_new, v_new)
             elif past > site.length:
@@ -166,13 +168,15 @@ class Runtime:
             # Multi-query calls (prefill, chunked prefill) are exact attention for every policy, through SDPA itself:
             # flash/memory-efficient kernels on CUDA, and the very kernel the original graph called.
             site.stats.prefill_tokens += sn
+            p_hi = min(p_hi, site.length)  # INDEX mode: columns past the written length are never read
             if (p_lo, p_hi) == (start, start + sn):  # the attended tokens are exactly the new ones: no round trip
                 k, v = k_new, v_new
             else:
-                k, v = site.fetch_range(p_lo, min(p_hi, site.length))
+                k, v = site.fetch_range(p_lo, p_hi)
             if mask is not None and k.shape[2] < ncols:
-                mask = mask[..., : k.shape[2]]  # INDEX mode: columns past the written length are never read
-            return ops.exact_attention(q, k, v, mask, is_causal, scale)
+                mask = mask[..., : k.shape[2]]
+            # contiguous: SDPA's output strides follow q's (often a transposed view); the op's fake promises dense
+            return ops.exact_attention(q, k, v, mask, is_causal, scale).contiguous()
         bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
         valid = max(p_lo, min(p_hi, site.length))  # INDEX mode: columns past the written length are never read
         if bias is not None and valid < p_hi:
@@ -183,6 +187,13 @@ class Runtime:
         if self.config.measure_error:
             self._measure(site, q, bias, p_lo, p_hi, scale, out)
         return out
+
+    def _skipped_note(self, site_name: str) -> str:
+        skipped = [r.reason for r in self.graph_stats.get(site_name, []) if r.status == "skipped"]
+        if not skipped:
+            return ""
+        return (f" (in another graph this attention was left alone, so the tokens it saw were never stored: "
+                f"{skipped[0]})")
 
     def _reset(self, name: str, site: Site | None, k_new: torch.Tensor, v_new: torch.Tensor) -> Site:
         if site is None or not site.matches(k_new, v_new):
