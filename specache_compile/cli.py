@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.add_argument("--no-compare", dest="compare", action="store_false", help="skip the full-cache comparison")
+    sub.add_parser("eval", help="the accuracy harness (needle, passkey, agreement); see `specache eval --help`",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "eval":
+        from .evals.harness import main as eval_main
+
+        return eval_main(argv[1:])
     args = parser.parse_args(argv)
     args.repro = shlex.join(sys.argv)
     if args.cmd == "demo":

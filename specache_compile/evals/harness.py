@@ -1,0 +1,243 @@
+"""The accuracy harness: needle-in-a-haystack, passkey, greedy agreement with the full cache, per-layer attention
+error. One entry point for every policy the pass supports:
+
+    specache eval --quick                                  # CPU, < 2 min: asserts the full-cache model finds the needle
+    specache eval --policies baseline full specache specache:bits=1 --contexts 1024 2048 4096 8192 16384
+
+A policy spec is a registered policy name with optional Config overrides after a colon (``specache:bits=1,topk=32``);
+``baseline`` is the unmodified model with its ordinary cache on the device (the full-cache reference). Each run
+appends one row per (task, policy, context, depth) to bench/results/accuracy.jsonl and draws one needle heatmap per
+policy next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "models" / "specache-tiny"
+RESULTS = REPO / "bench" / "results"
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """"specache:bits=1,topk=32" -> ("specache", {"bits": 1, "topk": 32})."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            value = {"true": True, "false": False}.get(value.lower(), value)
+        overrides[key] = value
+    return name, overrides
+
+
+def kv_bytes_full(model, length: int, batch: int = 1) -> int:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * length * batch * model.dtype.itemsize
+
+
+class Runner:
+    """One policy over one copy of the model."""
+
+    def __init__(self, base, spec: str, device: str, defaults: dict):
+        import specache
+
+        self.spec = spec
+        self.name, overrides = parse_policy(spec)
+        self.model = copy.deepcopy(base)
+        self.config = None
+        if self.name != "baseline":
+            overrides = {**defaults, **overrides}
+            self.model = specache.compile(self.model, policy=self.name, measure_error=True, **overrides)
+            self.config = specache.runtime_of(self.model).config
+
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        x = torch.tensor([ids], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        return out[0, len(ids):].tolist()
+
+    def compression(self, length: int) -> float | None:
+        """Full-precision KV bytes at ``length`` / KV bytes specache keeps on the device (None: nothing kept)."""
+        if self.name == "baseline":
+            return 1.0
+        import specache
+
+        dev = specache.memory(self.model)["device"]
+        return kv_bytes_full(self.model, length) / dev if dev else None
+
+    def attention_error(self) -> float | None:
+        if self.name == "baseline":
+            return 0.0
+        import specache
+
+        errs = specache.attention_error(self.model)
+        return sum(e["mean"] for e in errs.values()) / len(errs) if errs else None
+
+
+def heatmap(rows: list[dict], policy: str, contexts: list[int], depths: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = [[math.nan] * len(contexts) for _ in depths]
+    for r in rows:
+        if r["task"] == "needle" and r["policy"] == policy:
+            grid[depths.index(r["depth"])][contexts.index(r["context"])] = r["score"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(contexts), 1.0 + 0.5 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(contexts)), [str(c) for c in contexts])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"needle accuracy: {policy}")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="specache eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--policies", nargs="+", default=["baseline", "full", "specache"])
+    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=int, default=4, help="needle/passkey tasks per cell")
+    p.add_argument("--agree-tokens", type=int, default=256)
+    p.add_argument("--topk", type=int, default=None, help="default topk for specache policies")
+    p.add_argument("--bits", type=int, default=None)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    p.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
+    p.add_argument("--quick", action="store_true", help="small CPU grid; fails unless the full cache finds the needle")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.contexts, args.depths, args.trials, args.agree_tokens = [384, 768], [0.1, 0.5, 0.9], 2, 32
+        args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
+        args.topk = args.topk or 16
+        args.group_size, args.window = args.group_size or 16, args.window or 16
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO))
+    from bench.common import env_fields, write_rows
+
+    from .tasks import needle, passkey
+
+    console = Console()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    base = base.eval().to(args.device)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    defaults = {k: v for k, v in (("topk", args.topk), ("bits", args.bits), ("group_size", args.group_size),
+                                  ("window", args.window)) if v is not None}
+    env = {**env_fields(), "model": Path(args.model).name, "dtype": str(dtype).removeprefix("torch.")}
+    rows: list[dict] = []
+    contexts = sorted(args.contexts)
+    runners = [Runner(base, spec, args.device, defaults) for spec in args.policies]
+    # the full-cache reference for greedy agreement: the baseline runner, or one made for it
+    reference = next((r for r in runners if r.name == "baseline"), None) or Runner(base, "baseline", args.device, {})
+    agree_ref: dict[int, list[int]] = {}
+    n_cells = len(runners) * len(contexts) * (2 * len(args.depths) + 1)
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("eval", total=n_cells)
+        for run in runners:
+            cfg = run.config
+            for ctx in contexts:  # ascending, so the device tier's capacity follows the current context
+                common = {"policy": run.spec, "context": ctx, "topk": cfg.topk if cfg else None,
+                          "bits": cfg.bits if cfg else None}
+                for task_name, make in (("needle", needle), ("passkey", passkey)):
+                    for depth in args.depths:
+                        hits = 0
+                        for trial in range(args.trials):
+                            seed = zlib.crc32(f"{task_name}/{ctx}/{depth}/{trial}".encode())
+                            task = make(tok, ctx, depth, rng=seed)
+                            hits += run.generate(task.input_ids, len(task.answer_ids)) == task.answer_ids
+                        rows.append({"bench": "accuracy", "task": task_name, **common, "depth": depth,
+                                     "kv_compression": run.compression(ctx), "score": hits / args.trials,
+                                     "trials": args.trials, **env})
+                        progress.advance(bar)
+                # greedy agreement with the full cache over generated tokens
+                prompt = needle(tok, ctx, 0.5, rng=ctx).input_ids
+                if ctx not in agree_ref:
+                    agree_ref[ctx] = reference.generate(prompt, args.agree_tokens)
+                gen = run.generate(prompt, args.agree_tokens) if run is not reference else agree_ref[ctx]
+                same = sum(a == b for a, b in zip(gen, agree_ref[ctx])) / len(agree_ref[ctx])
+                rows.append({"bench": "accuracy", "task": "agreement", **common, "depth": None,
+                             "kv_compression": run.compression(ctx), "score": same, "tokens": args.agree_tokens,
+                             **env})
+                rows.append({"bench": "accuracy", "task": "attn_rel_error", **common, "depth": None,
+                             "kv_compression": run.compression(ctx), "score": run.attention_error(), **env})
+                progress.advance(bar)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(out.name, rows) if out.parent == RESULTS else _append(out, rows)
+    for run in runners:
+        heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{run.spec.replace(':', '_')}.png")
+    _summary(console, rows, runners, contexts)
+    console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f} s)")
+    if args.quick:
+        base_rows = [r for r in rows if r["task"] == "needle" and r["policy"] == "baseline"]
+        acc = sum(r["score"] for r in base_rows) / max(1, len(base_rows))
+        if acc < 0.95:
+            console.print(f"[red]quick check failed: the full-cache model found the needle in {acc:.0%} of cells")
+            return 1
+    return 0
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    import json
+
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _summary(console, rows, runners, contexts) -> None:
+    from rich.table import Table
+
+    table = Table(title="accuracy (mean over depths)")
+    table.add_column("task")
+    table.add_column("policy")
+    for c in contexts:
+        table.add_column(str(c), justify="right")
+    for task in ("needle", "passkey", "agreement", "attn_rel_error"):
+        for run in runners:
+            cells = []
+            for c in contexts:
+                vals = [r["score"] for r in rows if r["task"] == task and r["policy"] == run.spec
+                        and r["context"] == c and r["score"] is not None]
+                cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+            table.add_row(task, run.spec, *cells)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
