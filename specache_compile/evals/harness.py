@@ -28,7 +28,7 @@ RESULTS = REPO / "bench" / "results"
 
 
 def parse_policy(spec: str) -> tuple[str, dict]:
-    """"specache:bits=1,topk=32" -> ("specache", {"bits": 1, "topk": 32})."""
+    """ "specache:bits=1,topk=32" -> ("specache", {"bits": 1, "topk": 32})."""
     name, _, rest = spec.partition(":")
     overrides = {}
     for item in filter(None, rest.split(",")):
@@ -71,7 +71,7 @@ class Runner:
         x = torch.tensor([ids], device=self.model.device)
         with torch.no_grad():
             out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def compression(self, length: int) -> float | None:
         """Full-precision KV bytes at ``length`` / KV bytes specache keeps on the device (None: nothing kept)."""
@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, default=None)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
+    p.add_argument("--inner", default=None, choices=[None, "auto", "inductor", "aot_eager", "eager"],
+                   help="inner compiler after specache's pass (eager skips Inductor's compile time)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     p.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
     p.add_argument("--quick", action="store_true", help="small CPU grid; fails unless the full cache finds the needle")
     args = p.parse_args(argv)
     if args.quick:
-        args.contexts, args.depths, args.trials, args.agree_tokens = [384, 768], [0.1, 0.5, 0.9], 2, 32
+        args.contexts, args.depths, args.trials, args.agree_tokens = [320, 640], [0.1, 0.5, 0.9], 2, 24
         args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
         args.topk = args.topk or 16
         args.group_size, args.window = args.group_size or 16, args.window or 16
@@ -155,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
     base = base.eval().to(args.device)
     tok = AutoTokenizer.from_pretrained(args.model)
-    defaults = {k: v for k, v in (("topk", args.topk), ("bits", args.bits), ("group_size", args.group_size),
-                                  ("window", args.window)) if v is not None}
+    defaults = {
+        k: v
+        for k, v in (("topk", args.topk), ("bits", args.bits), ("group_size", args.group_size), ("window", args.window),
+                     ("inner", args.inner))
+        if v is not None
+    }
     env = {**env_fields(), "model": Path(args.model).name, "dtype": str(dtype).removeprefix("torch.")}
     rows: list[dict] = []
     contexts = sorted(args.contexts)
@@ -171,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in runners:
             cfg = run.config
             for ctx in contexts:  # ascending, so the device tier's capacity follows the current context
-                common = {"policy": run.spec, "context": ctx, "topk": cfg.topk if cfg else None,
-                          "bits": cfg.bits if cfg else None}
+                common = {
+                    "policy": run.spec,
+                    "context": ctx,
+                    "topk": cfg.topk if cfg else None,
+                    "bits": cfg.bits if cfg else None,
+                }
                 for task_name, make in (("needle", needle), ("passkey", passkey)):
                     for depth in args.depths:
                         hits = 0
@@ -180,9 +190,18 @@ def main(argv: list[str] | None = None) -> int:
                             seed = zlib.crc32(f"{task_name}/{ctx}/{depth}/{trial}".encode())
                             task = make(tok, ctx, depth, rng=seed)
                             hits += run.generate(task.input_ids, len(task.answer_ids)) == task.answer_ids
-                        rows.append({"bench": "accuracy", "task": task_name, **common, "depth": depth,
-                                     "kv_compression": run.compression(ctx), "score": hits / args.trials,
-                                     "trials": args.trials, **env})
+                        rows.append(
+                            {
+                                "bench": "accuracy",
+                                "task": task_name,
+                                **common,
+                                "depth": depth,
+                                "kv_compression": run.compression(ctx),
+                                "score": hits / args.trials,
+                                "trials": args.trials,
+                                **env,
+                            }
+                        )
                         progress.advance(bar)
                 # greedy agreement with the full cache over generated tokens
                 prompt = needle(tok, ctx, 0.5, rng=ctx).input_ids
@@ -190,11 +209,29 @@ def main(argv: list[str] | None = None) -> int:
                     agree_ref[ctx] = reference.generate(prompt, args.agree_tokens)
                 gen = run.generate(prompt, args.agree_tokens) if run is not reference else agree_ref[ctx]
                 same = sum(a == b for a, b in zip(gen, agree_ref[ctx])) / len(agree_ref[ctx])
-                rows.append({"bench": "accuracy", "task": "agreement", **common, "depth": None,
-                             "kv_compression": run.compression(ctx), "score": same, "tokens": args.agree_tokens,
-                             **env})
-                rows.append({"bench": "accuracy", "task": "attn_rel_error", **common, "depth": None,
-                             "kv_compression": run.compression(ctx), "score": run.attention_error(), **env})
+                rows.append(
+                    {
+                        "bench": "accuracy",
+                        "task": "agreement",
+                        **common,
+                        "depth": None,
+                        "kv_compression": run.compression(ctx),
+                        "score": same,
+                        "tokens": args.agree_tokens,
+                        **env,
+                    }
+                )
+                rows.append(
+                    {
+                        "bench": "accuracy",
+                        "task": "attn_rel_error",
+                        **common,
+                        "depth": None,
+                        "kv_compression": run.compression(ctx),
+                        "score": run.attention_error(),
+                        **env,
+                    }
+                )
                 progress.advance(bar)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,8 +269,11 @@ def _summary(console, rows, runners, contexts) -> None:
         for run in runners:
             cells = []
             for c in contexts:
-                vals = [r["score"] for r in rows if r["task"] == task and r["policy"] == run.spec
-                        and r["context"] == c and r["score"] is not None]
+                vals = [
+                    r["score"]
+                    for r in rows
+                    if r["task"] == task and r["policy"] == run.spec and r["context"] == c and r["score"] is not None
+                ]
                 cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
             table.add_row(task, run.spec, *cells)
     console.print(table)
