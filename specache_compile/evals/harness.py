@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_rows(out.name, rows) if out.parent == RESULTS else _append(out, rows)
     for run in runners:
-        heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{run.spec.replace(':', '_')}.png")
+        heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
     _summary(console, rows, runners, contexts)
     console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f} s)")
     if args.quick:
@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]quick check failed: the full-cache model found the needle in {acc:.0%} of cells")
             return 1
     return 0
+
+
+def _slug(spec: str) -> str:
+    """A file-name-safe form of a policy spec: letters, digits, '.', '_' and '-' only."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
 
 
 def _append(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,26 @@
+"""`specache eval --quick` on CPU with the shipped model: the full-cache model must find the needle."""
+
+import json
+
+from specache_compile.evals.harness import main, parse_policy
+
+
+def test_parse_policy():
+    assert parse_policy("specache:bits=1,topk=32,lowbit_remainder=false") == (
+        "specache", {"bits": 1, "topk": 32, "lowbit_remainder": False})
+    assert parse_policy("baseline") == ("baseline", {})
+
+
+def test_quick_eval_finds_the_needle(tmp_path):
+    out = tmp_path / "accuracy.jsonl"
+    assert main(["--quick", "--out", str(out)]) == 0  # returns 1 if the full cache misses the needle
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["policy"] for r in rows} == {"baseline", "specache"}
+    fields = {"bench", "task", "policy", "context", "depth", "topk", "bits", "kv_compression", "score", "git_sha",
+              "device", "repro"}
+    assert all(fields <= set(r) for r in rows)
+    needle = [r for r in rows if r["task"] == "needle" and r["policy"] == "baseline"]
+    assert needle and min(r["score"] for r in needle) == 1.0
+    spec = [r for r in rows if r["policy"] == "specache" and r["task"] == "attn_rel_error"]
+    assert all(0 < r["score"] < 1 for r in spec)  # small topk: measurably inexact, but not garbage
+    assert (tmp_path / "needle_baseline.png").exists() and (tmp_path / "needle_specache.png").exists()
