@@ -71,10 +71,10 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         # a site rewritten in one graph and left alone in another (e.g. prefill vs decode) is "partial": its store
         # misses what the unrewritten graph saw, and the runtime refuses to continue such a sequence
         status = statuses.pop() if len(statuses) == 1 else "partial"
-        reason = next((r.reason for r in reports if r.status == "skipped"), "")
+        reasons = list(dict.fromkeys(r.reason for r in reports if r.status == "skipped"))
         mode = next((r.mode for r in reports if r.mode), "")
-        sites[name] = {"status": status, "kind": reports[-1].kind, "mode": mode, "reason": reason,
-                       "graphs": len(reports)}
+        sites[name] = {"status": status, "kind": reports[-1].kind, "mode": mode,
+                       "reason": "; ".join(reasons), "graphs": len(reports)}
     return {
         "policy": runtime.config.policy,
         "found": len(sites),
