@@ -51,7 +51,13 @@ def _(q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop, mode, sca
 
 # -- kernels (one module per family; re-exported here so callers import one place) ---------------------------------
 
-from .attn_ops import exact_attention, lowbit_scores, sparse_attention, topk_positions  # noqa: E402,F401
+from .attn_ops import (  # noqa: E402,F401
+    exact_attention,
+    lowbit_decode_attention,
+    lowbit_scores,
+    sparse_attention,
+    topk_positions,
+)
 from .quant_ops import (  # noqa: E402,F401
     dequantize_keys,
     dequantize_values,

@@ -110,6 +110,47 @@ class SpeCachePolicy(Policy):
         return k[:, :, lo - off : hi - off], v[:, :, lo - off : hi - off]
 
     def decode(self, site, q, bias, lo, hi, scale):
+        # q: [B, Hq, Sq, D]; attended store positions [lo, hi); bias [.., Sq, hi - lo] or None.
+        if not self.lowbit_remainder:
+            return self._decode_dropping(site, q, bias, lo, hi, scale)
+        t = site.tier
+        nq = t["nq"]
+        b, hq, sq = q.shape[:3]
+        hkv = site.heads
+        qhi = max(lo, min(hi, nq))  # columns [lo, qhi) are low-bit on the device, [qhi, hi) in the window
+        k_win = t["win_k"].view(qhi - nq, hi - nq)
+        v_win = t["win_v"].view(qhi - nq, hi - nq)
+        if qhi == lo:  # everything attended is in full precision on the device already
+            return ops.sparse_attention(q, k_win, v_win, bias, scale)
+        low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
+        c_lo = max(lo, min(self.sinks, qhi))  # top-k candidates: [c_lo, qhi), outside sinks and window
+        n_cand = qhi - c_lo
+        if n_cand <= self.topk:
+            # topk covers every candidate: fetch them all, the attention is exact.
+            idx = torch.arange(c_lo, qhi, device=q.device).expand(b, hkv, n_cand)
+        else:
+            # Rank candidates: scores straight from the packed keys, softmax over every attended column.
+            low_logits = ops.lowbit_scores(q, low[0], low[1], low[2], self.bits, self.group, scale)[..., lo:qhi]
+            logits = torch.cat([low_logits, ops.attention_logits(q, k_win, scale)], dim=-1)  # [B, Hq, Sq, hi-lo]
+            if bias is not None:
+                logits = logits + bias
+            probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : qhi - lo]  # [B, Hq, Sq, n_cand]
+            # GQA: mean over the query heads of a group (and over the query rows of a step)
+            probs = probs.reshape(b, hkv, (hq // hkv) * sq, n_cand).mean(dim=2)
+            idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions, ascending
+        k_f, v_f = site.fetch(idx, t["fetch_k"], t["fetch_v"])
+        # Full-precision columns in ascending position order: sinks < fetched (>= c_lo) < window (>= nq).
+        dev = q.device
+        pos = [torch.arange(lo, c_lo, device=dev).expand(b, hkv, c_lo - lo), idx,
+               torch.arange(qhi, hi, device=dev).expand(b, hkv, hi - qhi)]
+        sinks = c_lo > lo  # attended sinks exist only when the range starts inside them (not past a sliding window)
+        k_fp = torch.cat([t["sink_k"].view(lo, c_lo), k_f, k_win] if sinks else [k_f, k_win], dim=2)
+        v_fp = torch.cat([t["sink_v"].view(lo, c_lo), v_f, v_win] if sinks else [v_f, v_win], dim=2)
+        fp_pos = torch.cat(pos, dim=2)
+        return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, fp_pos, bias, scale)
+
+    def _decode_dropping(self, site, q, bias, lo, hi, scale):
+        """lowbit_remainder=False: attention over sinks ∪ top-k ∪ window only (the low-bit copy only ranks)."""
         # q: [B, Hq, 1, D]; attended store positions [lo, hi); bias [.., 1, hi - lo] or None.
         t = site.tier
         nq = t["nq"]
@@ -144,7 +185,7 @@ class SpeCachePolicy(Policy):
         if c_lo > lo:  # sinks, full precision from the device
             k_cols[:, :, : c_lo - lo] = t["sink_k"].view(lo, c_lo)
             v_cols[:, :, : c_lo - lo] = t["sink_v"].view(lo, c_lo)
-        if not self.lowbit_remainder and n_cand > self.topk:
+        if n_cand > self.topk:
             keep = torch.zeros(b, hkv, hi - lo, dtype=torch.bool, device=q.device)
             keep[:, :, : c_lo - lo] = True
             keep[:, :, qhi - lo :] = True
