@@ -2,9 +2,11 @@
 
 Random weights attend diffusely, and no real model can be downloaded here, so this script trains one from scratch on
 data made on the machine: language modelling on Python standard-library text (the corpus file of
-``specache_compile.evals.tasks.build_corpus``) mixed with synthetic long-context retrieval (needle in a haystack,
-pass key, multi-key associative recall). Those tasks make heads that attend to one far-away token, which is what
-top-k KV fetching must get right.
+``specache_compile.evals.tasks.build_corpus``) mixed with copy rows (spans of a window repeated verbatim: the plain
+induction signal) and synthetic long-context retrieval (needle in a haystack, pass key, multi-key associative recall),
+60% of the rows. Those make heads that attend to a few far-away tokens, which is what top-k KV fetching must get
+right. Loss: LM on every token, plus the mean loss of the answer tokens and of the copied tokens, each its own term so
+that a handful of answer tokens in a 4K row still steer training.
 
 GPU run (the README holds the exact command; the corpus and the tokenizer/ids caches travel in .carry/):
 
@@ -319,8 +321,7 @@ class Batches(torch.utils.data.IterableDataset):
         """(row of length + 1 ids, first answer target index, answer length, other supervised spans) for a task row.
 
         Tasks carry more than one retrieval each where they can (earlier questions answered in the same format, the
-        pass key's second mention): one row then teaches several copies, which is what makes the retrieval heads
-        form early instead of after a long plateau at ln(10) on the answer digits.
+        pass key's second mention): one row then teaches several copies instead of one.
         """
         depth = rng.random()
         if kind == "needle":
@@ -358,9 +359,11 @@ class Batches(torch.utils.data.IterableDataset):
         [(start, length)] of the copies).
 
         The plainest induction signal there is: half the row can be predicted only by finding the earlier
-        occurrence of the current text and reading on. Without it the answer digits sit on a long plateau at
-        ln(10) (measured on CPU: none of the tasks learned in 4M tokens; a 4-layer model on pure repeats learns to
-        copy in ~0.3M); with it, copying is learned first and the tasks build on it.
+        occurrence of the current text and reading on. Retrieval is learned only once such heads exist, and they
+        form abruptly after a plateau whose length shrinks with the copy signal per step. Seen on CPU: with LM and
+        tasks alone, a 4-layer 128-wide model's answer loss sat at ln(10) through 4M tokens (4K-token steps); a
+        2-layer one on pure random-offset copies jumped from 0% to 94% copy accuracy at step ~200 of 16K tokens.
+        In the default H100 run copy accuracy went 40% -> 87% at steps 300-400 and the tasks followed within 100.
         """
         first = length // 2
         if rng.random() < 0.5:

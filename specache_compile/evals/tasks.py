@@ -397,6 +397,9 @@ class Task:
     ``answer_pos``: index in ``input_ids`` where the answer's tokens appear in the context (the fact itself), so
     ``input_ids[answer_pos : answer_pos + len(answer_ids)] == answer_ids``. ``depth``: the requested depth;
     ``answer_pos / context_len`` is the achieved one (facts sit at line starts, so they differ by up to a line).
+    ``spans``: (start, length) of other tokens in ``input_ids`` that earlier context determines, a copy to make:
+    the pass key's second mention, the answers of the questions asked before the last (``n_queries > 1``). Training
+    supervises them too (more retrieval signal per row); an evaluation scores ``answer_ids``.
     """
 
     kind: str
@@ -406,6 +409,7 @@ class Task:
     answer_pos: int
     depth: float
     context_len: int
+    spans: tuple[tuple[int, int], ...] = ()
     _parts: tuple = field(repr=False, compare=False, default=())
 
     @property
@@ -520,13 +524,17 @@ def needle(
     filler: Any = None,
     n_digits: int = 5,
     n_distractors: int = 0,
+    n_queries: int = 1,
 ) -> Task:
     """A fact about one person hidden at ``depth`` in filler, asked for at the end; answer: its digits.
 
     ``n_distractors`` other facts (other people, same or other attributes) are spread at random depths, so the
-    model has to match the name and attribute, not just copy the digits after "is".
+    model has to match the name and attribute, not just copy the digits after "is". With ``n_queries`` > 1, that
+    many minus one distractors are asked about (and answered) first, in the same format: see :attr:`Task.spans`.
     """
     _check_args("needle", context_len, depth)
+    if not 1 <= n_queries <= 1 + n_distractors:
+        raise ValueError(f"needle: n_queries must be in [1, 1 + n_distractors], got {n_queries}; add distractors")
     rng, enc = _rng(rng), as_encoder(tok)
     filler = filler if filler is not None else RepeatFiller(enc)
     names = set()
@@ -538,14 +546,27 @@ def needle(
     code = _digits(rng, n_digits)
     prefix = f"The {attr} of {names[0]} is "
     facts = [(depth, f"{prefix}{code}.\n", enc.join(prefix, code, ".\n"))]
+    others = []
     for other in names[1:]:
-        p, value = f"The {rng.choice(_ATTRIBUTES)} of {other} is ", _digits(rng, n_digits)
+        other_attr, value = rng.choice(_ATTRIBUTES), _digits(rng, n_digits)
+        p = f"The {other_attr} of {other} is "
         facts.append((rng.random(), f"{p}{value}.\n", enc.join(p, value, ".\n")))
+        others.append((other_attr, other, value))
+    # Earlier questions (answered), then the one whose answer is the task's.
+    tail_text, tail_ids, tail_spans = "", [], []
+    for other_attr, other, value in rng.sample(others, n_queries - 1):
+        q = f"\nQuestion: What is the {other_attr} of {other}?\nAnswer: The {other_attr} of {other} is "
+        tail_spans.append((len(tail_ids) + len(enc(q)), len(enc.join("", value))))
+        tail_text += f"{q}{value}.\n"
+        tail_ids += enc.join(q, value, ".\n")
     question = f"\nQuestion: What is the {attr} of {names[0]}?\nAnswer: The {attr} of {names[0]} is "
+    tail_text, tail_ids = tail_text + question, tail_ids + enc(question)
     answer_ids = enc.join("", code)
-    out, pos = _haystack("needle", enc, filler, context_len, rng, None, facts, (question, enc(question)), answer_ids)
+    out, pos = _haystack("needle", enc, filler, context_len, rng, None, facts, (tail_text, tail_ids), answer_ids)
     answer_pos = pos[0] + len(enc(prefix))
-    return _task("needle", out, answer_ids, code, answer_pos, depth, context_len)
+    tail_at = len(out.ids) - len(tail_ids)
+    spans = [(tail_at + a, n) for a, n in tail_spans]
+    return _task("needle", out, answer_ids, code, answer_pos, depth, context_len, spans)
 
 
 _PASSKEY_HEAD = (
@@ -584,7 +605,8 @@ def passkey(
         answer_ids,
     )
     answer_pos = pos[0] + len(enc("The pass key is "))
-    return _task("passkey", out, answer_ids, key, answer_pos, depth, context_len)
+    second = pos[0] + len(enc.join("The pass key is ", key, ". Remember it. "))  # the key's second mention
+    return _task("passkey", out, answer_ids, key, answer_pos, depth, context_len, [(second, len(answer_ids))])
 
 
 _KV_HEAD = "Below is a list of keys and their values. Remember the value of every key.\n"
@@ -598,12 +620,16 @@ def kv_recall(
     *,
     n_digits: int = 4,
     max_pairs: int | None = None,
+    n_queries: int = 1,
 ) -> Task:
     """Multi-key associative recall: as many distinct ``key: value`` lines as fit, then one key is asked for.
 
     Keys are two words ("amber-falcon"), values ``n_digits`` digits; the queried pair is the one at ``depth`` in the
-    list. ``max_pairs`` caps the list (the rest of the context is blank lines after it).
+    list. ``max_pairs`` caps the list (the rest of the context is blank lines after it). With ``n_queries`` > 1,
+    that many minus one other keys are asked for (and answered) first, in the same format: see :attr:`Task.spans`.
     """
+    if n_queries < 1:
+        raise ValueError(f"kv_recall: n_queries must be >= 1, got {n_queries}")
     _check_args("kv_recall", context_len, depth)
     rng, enc = _rng(rng), as_encoder(tok)
     head_ids = enc(_KV_HEAD)
@@ -613,7 +639,7 @@ def kv_recall(
         longest = enc.memo["kv_longest_question"] = max(
             len(enc._encode(f"\nWhat is the value of {a}-{b}?\n{a}-{b}: ")) for a in _WORDS for b in _WORDS
         )
-    budget = context_len - len(head_ids) - longest - n_digits
+    budget = context_len - len(head_ids) - n_queries * (longest + n_digits + 1)
     if budget < 1:
         raise ValueError(
             f"kv_recall: context_len={context_len} is too short; ask for at least {context_len - budget + 1}"
@@ -634,12 +660,19 @@ def kv_recall(
         seen.add(key)
         lines.append((key, value, line, ids))
         used += len(ids)
-    if not lines:
-        raise ValueError(f"kv_recall: context_len={context_len} leaves no room for a pair; ask for more tokens")
+    if len(lines) < n_queries:
+        raise ValueError(f"kv_recall: context_len={context_len} leaves too few pairs to ask {n_queries}; ask for more")
     q = round(depth * (len(lines) - 1))
     key, value = lines[q][0], lines[q][1]
+    # Earlier questions (answered), then the one whose answer is the task's.
+    tail_text, tail_ids, tail_spans = "", [], []
+    for k, v, _, _ in rng.sample(lines[:q] + lines[q + 1 :], n_queries - 1):
+        question = f"\nWhat is the value of {k}?\n{k}: "
+        tail_spans.append((len(tail_ids) + len(enc(question)), len(enc.join("", v))))
+        tail_text += f"{question}{v}\n"
+        tail_ids += enc.join(question, v, "\n")
     question = f"\nWhat is the value of {key}?\n{key}: "
-    q_ids, answer_ids = enc(question), enc.join("", value)
+    q_ids, answer_ids = tail_ids + enc(question), enc.join("", value)
     out = _Builder()
     out.add(_KV_HEAD, head_ids)
     answer_pos = 0
@@ -649,16 +682,25 @@ def kv_recall(
             answer_pos = at + len(enc(f"{k}: "))
     pad = context_len - len(out.ids) - len(q_ids) - len(answer_ids)
     out.add("\n" * pad, [enc.newline_id] * pad)
-    out.add(question, q_ids)
-    return _task("kv_recall", out, answer_ids, value, answer_pos, depth, context_len)
+    tail_at = out.add(tail_text + question, q_ids)
+    spans = [(tail_at + a, n) for a, n in tail_spans]
+    return _task("kv_recall", out, answer_ids, value, answer_pos, depth, context_len, spans)
 
 
 def _task(
-    kind: str, out: _Builder, answer_ids: list[int], answer: str, answer_pos: int, depth: float, context_len: int
+    kind: str,
+    out: _Builder,
+    answer_ids: list[int],
+    answer: str,
+    answer_pos: int,
+    depth: float,
+    context_len: int,
+    spans: list[tuple[int, int]] = (),
 ) -> Task:
     assert len(out.ids) + len(answer_ids) == context_len, (kind, len(out.ids), len(answer_ids), context_len)
     assert out.ids[answer_pos : answer_pos + len(answer_ids)] == answer_ids, kind
-    return Task(kind, out.ids, list(answer_ids), answer, answer_pos, depth, context_len, tuple(out.parts))
+    assert all(0 < a and a + n <= len(out.ids) for a, n in spans), (kind, spans)
+    return Task(kind, out.ids, list(answer_ids), answer, answer_pos, depth, context_len, tuple(spans), tuple(out.parts))
 
 
 TASKS: dict[str, Callable[..., Task]] = {"needle": needle, "passkey": passkey, "kv_recall": kv_recall}
