@@ -10,7 +10,10 @@ same run: a device-to-device copy (bytes read + written) and a pinned host-to-de
 
 Each kernel's GB/s counts the bytes it must move (formula next to each measurement), against the HBM peak for the
 on-device kernels and the pinned H2D peak for the fetch. Timing: triton.testing.do_bench, median, warm-up excluded
-(it also flushes L2 between runs). One JSON line per measurement to bench/results/kernels.jsonl (and $OUT).
+(it also flushes L2 between runs): ``median_us``, ``gbps``, ``pct_of_peak``. Where a call's host work (Python, several
+launches) outlasts the GPU work, that figure is host time, so every row also has ``device_us`` (GPU time alone: L2
+flushed, launches queued behind a device sleep) and ``device_gbps`` / ``device_pct_of_peak`` from it. One JSON line
+per measurement to bench/results/kernels.jsonl (and $OUT).
 """
 
 from __future__ import annotations
@@ -44,9 +47,36 @@ def parse_args(argv=None):
 
 
 def bench_us(fn, rep_ms: int) -> float:
+    """triton.testing.do_bench median, µs: what a call costs in an eager loop. do_bench flushes L2 before each run,
+    but a call whose host work (Python, launches) outlasts the flush leaves the GPU waiting: then this is host time."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") * 1e3
+
+
+_FLUSH = None
+
+
+def device_us(fn, n: int = 30) -> float:
+    """Median GPU time of fn, µs, with the host out of the way: L2 flushed, then a ~1.5 ms device sleep queued ahead
+    of the start event, so every launch of fn is queued before the GPU reaches it (launch gaps vanish)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
+    fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(n):
+        _FLUSH.zero_()
+        torch.cuda._sleep(3_000_000)  # cycles, ~1.5 ms at 1.98 GHz: more than any host work of fn here
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) * 1e3 for a, b in events)
+    return times[len(times) // 2]
 
 
 def measure_peaks(rep_ms: int) -> tuple[float, float]:
@@ -67,12 +97,20 @@ class Recorder:
         self.topk = topk
         self.rows: list[dict] = []
 
-    def add(self, kernel, context, bits, nbytes, us, peak):
+    def add(self, kernel, context, bits, nbytes, us, peak, dev_us=None):
+        """us: do_bench median (median_us, gbps, pct_of_peak); dev_us: device_us (the device_* fields)."""
         gbps = nbytes / (us * 1e-6) / 1e9 if nbytes else None
+        dev_gbps = nbytes / (dev_us * 1e-6) / 1e9 if nbytes and dev_us else None
         self.rows.append(dict(bench="kernels", kernel=kernel, context=context, bits=bits, topk=self.topk, gbps=gbps,
                               pct_of_peak=100.0 * gbps / peak if gbps else None, peak_gbps=peak, median_us=us,
-                              bytes=nbytes))
+                              device_us=dev_us, device_gbps=dev_gbps,
+                              device_pct_of_peak=100.0 * dev_gbps / peak if dev_gbps else None, bytes=nbytes))
         return self.rows[-1]
+
+    def time(self, kernel, context, bits, nbytes, fn, peak, rep_ms):
+        us, dev = bench_us(fn, rep_ms), device_us(fn)
+        self.add(kernel, context, bits, nbytes, us, peak, dev)
+        return us, dev
 
 
 def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> list[tuple]:
@@ -91,8 +129,18 @@ def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> lis
     # queries against [B, Hkv, n, D] keys: the same math) so a fused flash/efficient kernel runs, not the math one.
     # Bytes: K + V once (2 * Hkv * n * D * 2) + q and out.
     qg = q.reshape(B, HKV, HQ // HKV, D)
-    sdpa_us = bench_us(lambda: F.scaled_dot_product_attention(qg, k, v, scale=scale), args.rep)
-    rec.add("sdpa_bf16_cache", n, None, 2 * B * HKV * n * D * ELEM + 2 * q.numel() * ELEM, sdpa_us, d2d)
+    kv_bytes = 2 * B * HKV * n * D * ELEM + 2 * q.numel() * ELEM
+    sdpa = rec.time("sdpa_bf16_cache", n, None, kv_bytes, lambda: F.scaled_dot_product_attention(qg, k, v, scale=scale),
+                    d2d, args.rep)
+
+    def eager():
+        # the same attention as three cuBLAS/torch kernels (GEMV-shaped matmuls read K and V at full bandwidth, where
+        # SDPA's fused kernels run one program per (head, query block) and leave most SMs idle at decode shapes).
+        # Bytes: K + V + the [Hq, n] fp32 scores written and read twice (softmax), small next to K and V.
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+        return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+
+    rec.time("eager_matmul_bf16_cache", n, None, kv_bytes, eager, d2d, args.rep)
 
     # Fetch: topk rows per KV head from the pinned host store into a device buffer (K; V is another such call).
     # Bytes: Hkv * topk * D * 2 over PCIe; against the pinned H2D peak.
@@ -104,8 +152,8 @@ def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> lis
     fetch_bytes = B * HKV * args.topk * D * ELEM
     quant_ops.gather_rows(host_k, idx, buf, "cuda")
     path = quant_ops.GATHER_PATH  # "uva": the zero-copy kernel; anything else is a fallback worth seeing
-    us = bench_us(lambda: quant_ops.gather_rows(host_k, idx, buf, "cuda"), args.rep)
-    rec.add(f"fetch_gather_rows_{path}", n, None, fetch_bytes, us, h2d)
+    rec.time(f"fetch_gather_rows_{path}", n, None, fetch_bytes, lambda: quant_ops.gather_rows(host_k, idx, buf, "cuda"),
+             h2d, args.rep)
     staging = torch.empty(B, HKV, args.topk, D, dtype=DTYPE, pin_memory=True)
 
     def host_gather():
@@ -114,18 +162,17 @@ def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> lis
         torch.gather(host_k, 2, idx_h.unsqueeze(-1).expand(-1, -1, -1, D), out=staging)
         buf.copy_(staging, non_blocking=True)
 
-    rec.add("fetch_cpu_gather_h2d", n, None, fetch_bytes, bench_us(host_gather, args.rep), h2d)
+    rec.time("fetch_cpu_gather_h2d", n, None, fetch_bytes, host_gather, h2d, args.rep)
 
     fp_pos = torch.cat([idx, torch.arange(nq, nq + args.window, device="cuda").expand(B, HKV, -1)], dim=2)
     summaries = []
     for bits in [int(b) for b in args.bits.split(",")]:
-        s_us, sel_us, a_us = bench_bits(args, rec, n, nq, bits, q, k, v, fp_pos, d2d, g)
-        path_us = s_us + sel_us + a_us
-        summaries.append((n, bits, s_us, sel_us, a_us, path_us, sdpa_us))
+        parts = bench_bits(args, rec, n, nq, bits, q, k, v, fp_pos, d2d, g)  # ((us, dev_us) of scores, select, attn)
+        summaries.append((n, bits, parts, sdpa))
     return summaries
 
 
-def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tuple[float, float, float]:
+def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tuple:
     from specache_compile.kernels import ops
 
     scale = 1.0 / math.sqrt(D)
@@ -135,10 +182,8 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
     codes_bytes = B * HKV * nq * D * bits // 8
     sz_bytes = 2 * B * HKV * nq * D // args.group * ELEM
     quant_bytes = B * HKV * nq * D * ELEM + codes_bytes + sz_bytes
-    rec.add("quantize_keys", n, bits, quant_bytes, bench_us(lambda: ops.quantize_keys(kk, bits, args.group), args.rep),
-            d2d)
-    rec.add("quantize_values", n, bits, quant_bytes,
-            bench_us(lambda: ops.quantize_values(vv, bits, args.group), args.rep), d2d)
+    rec.time("quantize_keys", n, bits, quant_bytes, lambda: ops.quantize_keys(kk, bits, args.group), d2d, args.rep)
+    rec.time("quantize_values", n, bits, quant_bytes, lambda: ops.quantize_values(vv, bits, args.group), d2d, args.rep)
     kq, ks, kz = ops.quantize_keys(kk, bits, args.group)
     vq, vs, vz = ops.quantize_values(vv, bits, args.group)
 
@@ -146,13 +191,12 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
     # the fp32 scores written (Hq * nq * 4).
     score_bytes = codes_bytes + sz_bytes + q.numel() * ELEM + B * HQ * nq * 4
     scores = ops.lowbit_scores(q, kq, ks, kz, bits, args.group, scale)
-    s_us = bench_us(lambda: ops.lowbit_scores(q, kq, ks, kz, bits, args.group, scale), args.rep)
-    rec.add("lowbit_scores", n, bits, score_bytes, s_us, d2d)
+    s_t = rec.time("lowbit_scores", n, bits, score_bytes,
+                   lambda: ops.lowbit_scores(q, kq, ks, kz, bits, args.group, scale), d2d, args.rep)
 
     # topk_positions on [B, Hkv, nq] fp32. Bytes: the scores read once (Hkv * nq * 4).
     probs = scores.reshape(B, HKV, HQ // HKV, nq).mean(2)
-    rec.add("topk_positions", n, bits, B * HKV * nq * 4,
-            bench_us(lambda: ops.topk_positions(probs, args.topk), args.rep), d2d)
+    rec.time("topk_positions", n, bits, B * HKV * nq * 4, lambda: ops.topk_positions(probs, args.topk), d2d, args.rep)
 
     def select():
         # what SpeCachePolicy.decode runs between the scores and the fetch: softmax per query head, mean over the GQA
@@ -160,8 +204,7 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
         p = torch.softmax(scores, dim=-1).reshape(B, HKV, HQ // HKV, nq).mean(2)
         return ops.topk_positions(p, args.topk)
 
-    sel_us = bench_us(select, args.rep)
-    rec.add("select_softmax_mean_topk", n, bits, B * HQ * nq * 4 + 2 * B * HKV * nq * 4, sel_us, d2d)
+    sel_t = rec.time("select_softmax_mean_topk", n, bits, B * HQ * nq * 4 + 2 * B * HKV * nq * 4, select, d2d, args.rep)
 
     # lowbit_decode_attention over [0, nq) with topk fetched rows + the window as full-precision columns. Bytes: key and
     # value codes (2 * Hkv * nq * D * bits / 8) + key and value scale/zero (2 * 2 * Hkv * nq * D / group * 2) + the
@@ -177,12 +220,12 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
         return torch.ops.specache.lowbit_decode_attention(q, kq, ks, kz, vq, vs, vz, bits, args.group, 0, k_fp, v_fp,
                                                           fp_pos, None, scale)
 
-    a_us = bench_us(attend, args.rep)
-    rec.add("lowbit_decode_attention", n, bits, attn_bytes, a_us, d2d)
+    a_t = rec.time("lowbit_decode_attention", n, bits, attn_bytes, attend, d2d, args.rep)
 
     # The decode path of one layer, fetch excluded: scores + selection + attention, against SDPA (filled in by main).
-    rec.add("decode_path_scores_select_attention", n, bits, score_bytes + attn_bytes, s_us + sel_us + a_us, d2d)
-    return s_us, sel_us, a_us
+    rec.add("decode_path_scores_select_attention", n, bits, score_bytes + attn_bytes, s_t[0] + sel_t[0] + a_t[0], d2d,
+            s_t[1] + sel_t[1] + a_t[1])
+    return s_t, sel_t, a_t
 
 
 def main(argv=None) -> int:
@@ -201,30 +244,39 @@ def main(argv=None) -> int:
     for n in [int(c) for c in args.contexts.split(",")]:
         paths += bench_context(args, rec, n, d2d, h2d, g)
         torch.cuda.empty_cache()
-    sdpa = {(r["context"]): r["median_us"] for r in rec.rows if r["kernel"] == "sdpa_bf16_cache"}
+    base = {(r["kernel"], r["context"]): r for r in rec.rows}
     for r in rec.rows:
         if r["kernel"] == "decode_path_scores_select_attention":
-            r["sdpa_us"] = sdpa[r["context"]]
-            r["speedup_vs_sdpa"] = r["sdpa_us"] / r["median_us"]
+            sd, em = base["sdpa_bf16_cache", r["context"]], base["eager_matmul_bf16_cache", r["context"]]
+            r.update(sdpa_us=sd["median_us"], sdpa_device_us=sd["device_us"], eager_device_us=em["device_us"],
+                     speedup_vs_sdpa=sd["median_us"] / r["median_us"],
+                     device_speedup_vs_sdpa=sd["device_us"] / r["device_us"],
+                     device_speedup_vs_eager=em["device_us"] / r["device_us"])
 
     rows = [{**r, **env} for r in rec.rows]
     for p in write_rows(args.out, rows):
         print(f"wrote {len(rows)} rows to {p}")
     print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}  peaks: HBM copy {d2d:.0f} GB/s, "
           f"pinned H2D {h2d:.1f} GB/s")
-    print(f"{'kernel':<38}{'context':>8}{'bits':>5}{'us':>10}{'GB/s':>9}{'% peak':>8}")
+    print("us: do_bench median (host launch overhead included when it dominates); dev us: GPU time alone (L2 cold)")
+    print(f"{'kernel':<38}{'context':>8}{'bits':>5}{'us':>9}{'GB/s':>7}{'%':>5}{'dev us':>9}{'GB/s':>7}{'%':>5}")
     for r in rows:
         if r["median_us"] is None:
             continue
-        gb = f"{r['gbps']:.0f}" if r["gbps"] else "-"
-        pct = f"{r['pct_of_peak']:.0f}" if r["pct_of_peak"] else "-"
-        bits = r["bits"] if r["bits"] is not None else "-"
-        print(f"{r['kernel']:<38}{r['context']:>8}{bits:>5}{r['median_us']:>10.1f}{gb:>9}{pct:>8}")
-    print(f"\n{'decode path (fetch excluded)':<30}{'context':>8}{'bits':>5}{'scores':>9}{'select':>9}{'attn':>9}"
-          f"{'total':>9}{'SDPA':>9}{'x':>6}")
-    for n, bits, s_us, sel_us, a_us, p_us, sd_us in paths:
-        print(f"{'':<30}{n:>8}{bits:>5}{s_us:>9.1f}{sel_us:>9.1f}{a_us:>9.1f}{p_us:>9.1f}{sd_us:>9.1f}"
-              f"{sd_us / p_us:>6.2f}")
+
+        def f(x, fmt):
+            return format(x, fmt) if x is not None else "-"
+
+        print(f"{r['kernel']:<38}{r['context']:>8}{f(r['bits'], 'd'):>5}{r['median_us']:>9.1f}{f(r['gbps'], '.0f'):>7}"
+              f"{f(r['pct_of_peak'], '.0f'):>5}{f(r['device_us'], '.1f'):>9}{f(r['device_gbps'], '.0f'):>7}"
+              f"{f(r['device_pct_of_peak'], '.0f'):>5}")
+    print(f"\n{'decode path, fetch excluded (dev us)':<38}{'context':>8}{'bits':>5}{'scores':>8}{'select':>8}"
+          f"{'attn':>8}{'total':>8}{'SDPA':>8}{'eager':>8}")
+    for n, bits, (s_t, sel_t, a_t), sdpa in paths:
+        em = base["eager_matmul_bf16_cache", n]["device_us"]
+        total = s_t[1] + sel_t[1] + a_t[1]
+        print(f"{'':<38}{n:>8}{bits:>5}{s_t[1]:>8.1f}{sel_t[1]:>8.1f}{a_t[1]:>8.1f}{total:>8.1f}{sdpa[1]:>8.1f}"
+              f"{em:>8.1f}")
     return 0
 
 

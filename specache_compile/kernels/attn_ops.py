@@ -47,7 +47,11 @@ _NUM_WARPS = 4
 _NUM_STAGES = 2
 _MIN_TILES_PER_SPLIT = 4  # a split's partial output (REP*Sq*(Dv+2) fp32) stays small next to what it reads
 _PROGRAMS_PER_SM = 4
-_TOPK_CHUNK = 4096  # the exact CUDA top-k selects per chunk of this many positions first (see _topk_positions_cuda)
+# lowbit_scores: small programs (2 warps, about 128 registers a thread) and many of them, measured best on an H100
+# (Llama-3-8B layer, 8K-128K tokens: 2 warps beat 4 and 8 by 20-30%; 8 programs per SM beat 2 and 4)
+_SCORE_NUM_WARPS = 2
+_SCORE_PROGRAMS_PER_SM = 8
+_TOPK_CHUNK = 2048  # the exact CUDA top-k selects per chunk first (_topk_positions_cuda); H100, 8x128K: 2048 best
 
 
 def _interpreted() -> bool:
@@ -127,7 +131,7 @@ def _lowbit_scores_triton(q, packed, scale, zero, bits: int, group: int, softmax
     n_tiles = triton.cdiv(s, block_n)
     # Enough tiles per program to stream (the loads of the next tile overlap this one's product), enough programs to
     # fill the GPU: about _PROGRAMS_PER_SM per SM over the whole grid.
-    target = max(1, _PROGRAMS_PER_SM * _device_sms(q) // (b * hkv))
+    target = max(1, _SCORE_PROGRAMS_PER_SM * _device_sms(q) // (b * hkv))
     tiles_per_prog = triton.cdiv(n_tiles, target)
     wrap_triton(lowbit_scores_kernel)[(triton.cdiv(n_tiles, tiles_per_prog), hkv, b)](
         q, packed, scale, zero, out,
@@ -140,7 +144,8 @@ def _lowbit_scores_triton(q, packed, scale, zero, bits: int, group: int, softmax
         REP=rep, SQ=sq, GROUP=group, BITS=bits,
         BLOCK_M=max(16, triton.next_power_of_2(rep * sq)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
-        PARTS=_parts(q.dtype, scale.dtype), EMULATE=_interpreted(), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        PARTS=_parts(q.dtype, scale.dtype), EMULATE=_interpreted(), num_warps=_SCORE_NUM_WARPS,
+        num_stages=_NUM_STAGES,
     )
     return out
 
@@ -373,7 +378,7 @@ def _lowbit_decode_attention_triton(
         pm.stride(0), pm.stride(1), pm.stride(2),
         REP=rep, SQ=sq, GROUP=group, GV=gv, NGV=dv // gv, BITS=bits,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_GV=max(16, triton.next_power_of_2(gv)), BLOCK_NGV=triton.next_power_of_2(dv // gv),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)), BLOCK_NGV=triton.next_power_of_2(dv // gv),
         HAS_BIAS=bias is not None, PARTS=_parts(q.dtype), QPARTS=0 if q.dtype == torch.float32 else 1,
         FP_PARTS=0 if q.dtype == torch.float32 else 2, EMULATE=_interpreted(), num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,

@@ -147,6 +147,8 @@ class SpeCachePolicy(Policy):
         k_fp = torch.cat([t["sink_k"].view(lo, c_lo), k_f, k_win] if sinks else [k_f, k_win], dim=2)
         v_fp = torch.cat([t["sink_v"].view(lo, c_lo), v_f, v_win] if sinks else [v_f, v_win], dim=2)
         fp_pos = torch.cat(pos, dim=2)
+        if bias is None and hi < nq:  # the op attends [lo, nq) of the low-bit copy unless a bias bounds it
+            bias = torch.zeros((1, 1, sq, hi - lo), dtype=torch.float32, device=dev)
         return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, fp_pos, bias, scale)
 
     def _decode_dropping(self, site, q, bias, lo, hi, scale):

@@ -147,6 +147,8 @@ for _i, (_bits, _d, _hkv, _rep, _sq, _n, _nfp, _dt, _kw) in enumerate([
 DECODE_CASES["dv64-d128-group64"] = lambda: _decode_inputs(1, 2, 4, 1, 128, 64, 128, 64, 2, torch.bfloat16, 17, 9)
 DECODE_CASES["dv128-group32-ngv4"] = lambda: _decode_inputs(1, 1, 8, 2, 64, 128, 96, 32, 2, torch.bfloat16, 17, 11,
                                                             bias="heads")
+# a head dim that is not a power of two: 5 value channel groups of 16, padded tiles
+DECODE_CASES["d80-ngv5"] = lambda: _decode_inputs(1, 2, 2, 1, 80, 80, 32, 16, 2, torch.bfloat16, 17, 13, bias="full")
 # nothing attended at all: every low-bit position substituted away or masked and the columns below lo
 DECODE_CASES["empty"] = lambda: _decode_inputs(1, 2, 2, 1, 64, 64, 32, 16, 2, torch.float32, 1, 12, lo=32,
                                                bias="full", width=0)
@@ -544,6 +546,16 @@ def test_cuda_topk_rule_is_the_reference(k):
     assert torch.equal(ao._topk_positions_cuda(x.bfloat16(), k), ref.topk_positions(x.bfloat16(), k))
 
 
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_cuda_topk_two_stage_is_exact(monkeypatch, k):
+    # rows longer than 2 chunks select per chunk first; small chunks here, many ties across chunk boundaries
+    monkeypatch.setattr(ao, "_TOPK_CHUNK", 32)
+    x = torch.randint(-2, 3, (2, 3, 1000), generator=_gen(k)).float()
+    x[0, 0, 500:] = float("nan")
+    x[1, 2, :] = 1.0  # one value everywhere: the k lowest positions
+    assert torch.equal(ao._topk_positions_cuda(x, k), ref.topk_positions(x, k))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------------------------
@@ -649,10 +661,12 @@ def test_gpu_compile_lowers_the_triton_kernels():
 
     c = _cuda(_gpu_decode_inputs(2, torch.bfloat16, 4))
 
+    sm = c["softmax_scale"]
+
     def fn(q, kq, ks, kz, vq, vs, vz, k_fp, v_fp, fp_pos, bias):
-        scores = torch.ops.specache.lowbit_scores(q * 1.0, kq, ks, kz, 2, 64, 0.125)
+        scores = torch.ops.specache.lowbit_scores(q * 1.0, kq, ks, kz, 2, 64, sm)
         out = torch.ops.specache.lowbit_decode_attention(q, kq, ks, kz, vq, vs, vz, 2, 64, 0, k_fp, v_fp, fp_pos,
-                                                         bias, 0.125)
+                                                         bias, sm)
         return scores.amax(-1), out + 1
 
     args = [c[k] for k in ("q", "kq", "ks", "kz", "vq", "vs", "vz", "k_fp", "v_fp", "fp_pos", "bias")]
@@ -663,4 +677,4 @@ def test_gpu_compile_lowers_the_triton_kernels():
     want = torch.ops.specache.lowbit_decode_attention(*[c[k] for k in c]) + 1
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(smax, torch.ops.specache.lowbit_scores(c["q"], c["kq"], c["ks"], c["kz"], 2, 64,
-                                                                      0.125).amax(-1))
+                                                                      sm).amax(-1))

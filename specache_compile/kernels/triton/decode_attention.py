@@ -10,9 +10,8 @@ In-kernel dequantization, never materialised (see score.py for the key side and 
 
     Σ_n p_n v̂_nd = Σ_n p_n vz[n, j] + Σ_n (p_n vs[n, j]) c_nd
 
-a row reduction per channel group plus a product of the scaled probabilities with the codes. Channel groups differ
-in scale, so the product is batched over groups: ``[NGV, M, N] @ [NGV, N, GV]`` (a 3-D ``tl.dot``), and the output
-accumulator is ``[NGV, M, GV]``.
+a row reduction per channel group plus a product of the scaled probabilities with the codes, one product per channel
+group (``NGV = Dv / GV`` of them, each kept for its group's channels).
 
 Substitution: a low-bit position listed in ``fp_pos`` is skipped (its full-precision column counts instead).
 ``substitution_bitmap_kernel`` turns ``fp_pos`` into one bit per low-bit position before the split kernel runs (one
@@ -29,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .score import load_key_codes_t, pow2_scale, round_to, split_dot, unpack_codes_3d
+from .score import pow2_scale, round_to, split_dot, split_dot_rhs, unpack_codes_2d
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read must be a tl.constexpr
 
@@ -95,7 +94,7 @@ def lowbit_decode_split_kernel(
     stride_pmb, stride_pmh, stride_pms,
     REP: tl.constexpr, SQ: tl.constexpr, GROUP: tl.constexpr, GV: tl.constexpr, NGV: tl.constexpr,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_GV: tl.constexpr, BLOCK_NGV: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_NGV: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTS: tl.constexpr, QPARTS: tl.constexpr, FP_PARTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     # q: [B, Hq, Sq, D]; kq: [B, Hkv, nq, D*BITS//8] uint8; ks, kz: [B, Hkv, nq//GROUP, D];
@@ -122,21 +121,18 @@ def lowbit_decode_split_kernel(
     d_mask = d < D
     q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + sq[:, None] * stride_qs + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_D]
-
-    # value channels as [channel group, channel within the group]: channel jg * GV + e
+    dv = tl.arange(0, BLOCK_DV)
+    dv_mask = dv < DV
+    dv_group = dv // GV  # value channel group of each output channel
     jg = tl.arange(0, BLOCK_NGV)
-    e = tl.arange(0, BLOCK_GV)
-    ch = jg[:, None] * GV + e[None, :]  # [BLOCK_NGV, BLOCK_GV]
-    ch_mask = (jg < NGV)[:, None] & (e < GV)[None, :]
-    jb = tl.arange(0, BLOCK_GV // PER)  # byte within a channel group's codes
-    vbyte_off = jg[:, None, None] * (GV // PER) + jb[None, None, :]  # [BLOCK_NGV, 1, BLOCK_GV // PER]
-    vbyte_mask = (jg < NGV)[:, None, None] & (jb < GV // PER)[None, None, :]
+    jk = tl.arange(0, BLOCK_D // PER)  # key code bytes of a token
+    jv = tl.arange(0, BLOCK_DV // PER)  # value code bytes of a token
 
     bias_rows = bias_ptr + b * stride_bb + head[:, None] * stride_bh + sq[:, None] * stride_bs  # [BLOCK_M, 1]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_NGV, BLOCK_M, BLOCK_GV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     # ---- low-bit tiles (an empty range for the full-precision programs) ------------------------------------------
     kq_base = kq_ptr + b * stride_kqb + kv * stride_kqh
@@ -159,21 +155,28 @@ def lowbit_decode_split_kernel(
         word = tl.load(sub_base + (n >> 5), mask=in_range, other=0)
         valid = in_range & (((word >> (n & 31)) & 1) == 0)
 
-        g = (t * BLOCK_N) // GROUP
-        s = tl.load(ks_base + g * stride_ksg + d * stride_ksd, mask=d_mask, other=0.0).to(tl.float32)
-        z = tl.load(kz_base + g * stride_kzg + d * stride_kzd, mask=d_mask, other=0.0).to(tl.float32)
-        qz = tl.sum(q * z[None, :], axis=1)
         # The loads below are masked by in_range only, not by the substitution bits: their addresses then depend on
         # the loop index alone, so they are issued together and pipelined across iterations. Substituted tokens are
         # read (finite, low-bit data) and dropped through x = -inf, p = 0.
-        kc = load_key_codes_t(kq_base, n, in_range, stride_kqs, stride_kqd, D, BITS, BLOCK_D)  # [BLOCK_D, BLOCK_N]
+        g = (t * BLOCK_N) // GROUP
+        s = tl.load(ks_base + g * stride_ksg + d * stride_ksd, mask=d_mask, other=0.0).to(tl.float32)
+        z = tl.load(kz_base + g * stride_kzg + d * stride_kzd, mask=d_mask, other=0.0).to(tl.float32)
+        kbyte = tl.load(kq_base + n[:, None] * stride_kqs + jk[None, :] * stride_kqd,
+                        mask=in_range[:, None] & (jk < D // PER)[None, :], other=0)
+        kc = unpack_codes_2d(kbyte, BITS)  # [BLOCK_N, BLOCK_D]: the key codes, token-major as stored
+        qz = tl.sum(q * z[None, :], axis=1)
         qs = q * s[None, :]
+        # scores transposed, [BLOCK_N, BLOCK_M] = codes @ (q * s)^T: the big code tile is the left operand as it lies
+        # in registers (no transpose of it), the small query tile is the one transposed
         if PARTS == 0:
-            x = split_dot(qs, kc, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PARTS, LB_DT, EMULATE)
+            xt = split_dot_rhs(kc, tl.trans(qs), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PARTS, LB_DT,
+                               EMULATE)
+            x = tl.trans(xt)
         else:
             r_scale, r_inv = pow2_scale(tl.max(tl.abs(qs), axis=1), 14)
-            x = split_dot(qs * r_scale[:, None], kc, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PARTS, LB_DT,
-                          EMULATE) * r_inv[:, None]
+            xt = split_dot_rhs(kc, tl.trans(qs * r_scale[:, None]), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32),
+                               PARTS, LB_DT, EMULATE)
+            x = tl.trans(xt) * r_inv[:, None]
         x = (qz[:, None] + x) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_rows + (n - lo)[None, :] * stride_bw, mask=row_mask[:, None] & in_range[None, :],
@@ -182,24 +185,30 @@ def lowbit_decode_split_kernel(
         x = tl.where(valid[None, :], x, float("-inf"))
         p, alpha, m_i, l_i = _online_update(x, m_i, l_i)
 
-        tok_mask = (jg < NGV)[:, None] & in_range[None, :]  # [BLOCK_NGV, BLOCK_N]
-        vs = tl.load(vs_base + n[None, :] * stride_vss + jg[:, None] * stride_vsg, mask=tok_mask, other=0.0)
-        vz = tl.load(vz_base + n[None, :] * stride_vzs + jg[:, None] * stride_vzg, mask=tok_mask, other=0.0)
-        vbyte = tl.load(
-            vq_base + n[None, :, None] * stride_vqs + vbyte_off * stride_vqd,
-            mask=vbyte_mask & in_range[None, :, None], other=0,
-        )
-        vc = unpack_codes_3d(vbyte, BITS)  # [BLOCK_NGV, BLOCK_N, BLOCK_GV]
-        pz = tl.sum(p[None, :, :] * vz.to(tl.float32)[:, None, :], axis=2)  # [BLOCK_NGV, BLOCK_M]
-        acc = acc * alpha[None, :, None] + pz[:, :, None]
+        tok_mask = in_range[:, None] & (jg < NGV)[None, :]  # [BLOCK_N, NGV]
+        vs = tl.load(vs_base + n[:, None] * stride_vss + jg[None, :] * stride_vsg, mask=tok_mask, other=0.0)
+        vz = tl.load(vz_base + n[:, None] * stride_vzs + jg[None, :] * stride_vzg, mask=tok_mask, other=0.0)
         vs = vs.to(tl.float32)
-        w = p[None, :, :] * vs[:, None, :]  # [BLOCK_NGV, BLOCK_M, BLOCK_N], |w| <= max |vs| since p <= 1
-        zero3 = tl.zeros([BLOCK_NGV, BLOCK_M, BLOCK_GV], dtype=tl.float32)
-        if PARTS == 0:
-            acc += split_dot(w, vc, zero3, PARTS, LB_DT, EMULATE)
-        else:
+        vz = vz.to(tl.float32)
+        vbyte = tl.load(vq_base + n[:, None] * stride_vqs + jv[None, :] * stride_vqd,
+                        mask=in_range[:, None] & (jv < DV // PER)[None, :], other=0)
+        vc = unpack_codes_2d(vbyte, BITS)  # [BLOCK_N, BLOCK_DV]
+        acc = acc * alpha[:, None]
+        if PARTS != 0:
             v_scale, v_inv = pow2_scale(tl.max(tl.max(tl.abs(vs), axis=1), axis=0), 14)
-            acc += split_dot(w * v_scale, vc, zero3, PARTS, LB_DT, EMULATE) * v_inv
+        # Channel group j: acc[:, group j] += p @ vz[:, j] + (p * vs[:, j]) @ codes[:, group j]. The product runs over
+        # all channels and keeps group j's (NGV products of [BLOCK_M, BLOCK_N] x [BLOCK_N, BLOCK_DV]: cheap next to the
+        # unpacking, and every operand stays 2-D).
+        for jj in tl.static_range(NGV):
+            vs_j = tl.sum(tl.where((jg == jj)[None, :], vs, 0.0), axis=1)  # [BLOCK_N]
+            vz_j = tl.sum(tl.where((jg == jj)[None, :], vz, 0.0), axis=1)
+            pz = tl.sum(p * vz_j[None, :], axis=1)  # [BLOCK_M]
+            zero = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            if PARTS == 0:
+                pv = split_dot(p * vs_j[None, :], vc, zero, PARTS, LB_DT, EMULATE)
+            else:
+                pv = split_dot(p * (vs_j * v_scale)[None, :], vc, zero, PARTS, LB_DT, EMULATE) * v_inv
+            acc += tl.where((dv_group == jj)[None, :], pv + pz[:, None], 0.0)
 
     # ---- full-precision column tiles (an empty range for the low-bit programs) -----------------------------------
     kf_base = kf_ptr + b * stride_kfb + kv * stride_kfh
@@ -224,16 +233,14 @@ def lowbit_decode_split_kernel(
             x += bias.to(tl.float32) * LOG2E
         x = tl.where(valid[None, :], x, float("-inf"))
         p, alpha, m_i, l_i = _online_update(x, m_i, l_i)
-
-        vt = tl.load(vf_base + j[None, :, None] * stride_vff + ch[:, None, :] * stride_vfd,
-                     mask=ch_mask[:, None, :] & valid[None, :, None], other=0.0)  # [BLOCK_NGV, BLOCK_N, BLOCK_GV]
-        p3 = tl.broadcast_to(p[None, :, :], (BLOCK_NGV, BLOCK_M, BLOCK_N))
-        acc = split_dot(p3, vt, acc * alpha[None, :, None], FP_PARTS, CDT, EMULATE)
+        # masked by valid: a padding row of an uninitialised buffer may hold NaN, and NaN * 0 is NaN
+        vt = tl.load(vf_base + j[:, None] * stride_vff + dv[None, :] * stride_vfd,
+                     mask=valid[:, None] & dv_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]
+        acc = split_dot(p, vt, acc * alpha[:, None], FP_PARTS, CDT, EMULATE)
 
     # Writes REP * SQ * (DV + 2) fp32: the unnormalised output, its log2 max and its sum.
     po = po_ptr + b * stride_pob + kv * stride_poh + pid * stride_pos
-    tl.store(po + rows[None, :, None] * stride_pom + ch[:, None, :], acc,
-             mask=ch_mask[:, None, :] & row_mask[None, :, None])
+    tl.store(po + rows[:, None] * stride_pom + dv[None, :], acc, mask=row_mask[:, None] & dv_mask[None, :])
     pm = b * stride_pmb + kv * stride_pmh + pid * stride_pms + rows
     tl.store(pm_ptr + pm, m_i, mask=row_mask)
     tl.store(pl_ptr + pm, l_i, mask=row_mask)

@@ -50,6 +50,27 @@ def split_dot(a, b, acc, PARTS: tl.constexpr, DT: tl.constexpr, EMULATE: tl.cons
 
 
 @triton.jit
+def split_dot_rhs(b, a, acc, PARTS: tl.constexpr, DT: tl.constexpr, EMULATE: tl.constexpr):
+    # split_dot with the operands the other way round: acc + b @ a, b exact in DT (codes) on the left, a fp32 split.
+    if PARTS == 0:
+        acc = tl.dot(b.to(tl.float32), a, acc, input_precision="ieee")
+    else:
+        if EMULATE:
+            bd = b.to(tl.float32)
+        else:
+            bd = b.to(DT)
+        r = a
+        for _ in tl.static_range(PARTS):
+            h = r.to(DT)
+            if EMULATE:
+                acc = tl.dot(bd, h.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(bd, h, acc)
+            r = r - h.to(tl.float32)
+    return acc
+
+
+@triton.jit
 def pow2_scale(absmax, TARGET: tl.constexpr):
     # absmax: fp32 >= 0 (any shape) -> (scale, inverse), powers of two with absmax * scale in [2^TARGET, 2^(TARGET+1));
     # (1, 1) where absmax is 0 or subnormal. Built from the exponent bits: exact, no division, no log.
@@ -80,15 +101,6 @@ def unpack_codes_2d(byte, BITS: tl.constexpr):
     shift = tl.arange(0, PER) * BITS
     codes = (byte.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, (byte.shape[0], byte.shape[1] * PER))
-
-
-@triton.jit
-def unpack_codes_3d(byte, BITS: tl.constexpr):
-    # byte: uint8 [G, R, NB] -> int32 codes [G, R, NB * 8 // BITS], as unpack_codes_2d
-    PER: tl.constexpr = 8 // BITS
-    shift = tl.arange(0, PER) * BITS
-    codes = (byte.to(tl.int32)[:, :, :, None] >> shift[None, None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (byte.shape[0], byte.shape[1], byte.shape[2] * PER))
 
 
 @triton.jit
