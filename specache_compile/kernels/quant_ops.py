@@ -179,10 +179,13 @@ def dequantize_keys(
     return ref.dequantize_keys(packed, scale, zero, bits, group, dtype)
 
 
-@dequantize_keys.register_fake
-def _(packed, scale, zero, bits, group, dtype):
+def _dequantize_fake(packed, scale, zero, bits, group, dtype):
+    # keys and values unpack to the same shape: [B, H, S, D] from [B, H, S, D * bits / 8]
     b, h, s, p = packed.shape
     return packed.new_empty((b, h, s, p * 8 // bits), dtype=dtype)
+
+
+dequantize_keys.register_fake(_dequantize_fake)
 
 
 @torch.library.custom_op("specache::dequantize_values", mutates_args=())
@@ -192,10 +195,7 @@ def dequantize_values(
     return ref.dequantize_values(packed, scale, zero, bits, group, dtype)
 
 
-@dequantize_values.register_fake
-def _(packed, scale, zero, bits, group, dtype):
-    b, h, s, p = packed.shape
-    return packed.new_empty((b, h, s, p * 8 // bits), dtype=dtype)
+dequantize_values.register_fake(_dequantize_fake)
 
 
 # -- gather ----------------------------------------------------------------------------------------------------------

@@ -62,14 +62,6 @@ class Growable:
         assert 0 <= lo <= hi <= self.length, (lo, hi, self.length)
         return self.data.narrow(self.seq_dim, lo, hi - lo)
 
-    def drop_front(self, n: int) -> None:
-        """Forget the first n rows (the window after its oldest group was quantized)."""
-        keep = self.length - n
-        if keep > 0:
-            # clone: source and destination overlap
-            self.data.narrow(self.seq_dim, 0, keep).copy_(self.view(n).clone())
-        self.length = keep
-
     def clear(self) -> None:
         self.length = 0
 
@@ -77,7 +69,3 @@ class Growable:
     def nbytes(self) -> int:
         """Bytes allocated (capacity, not just the rows in use): what the memory tier really holds."""
         return self.data.numel() * self.data.element_size()
-
-    @property
-    def used_bytes(self) -> int:
-        return self.view().numel() * self.data.element_size()
