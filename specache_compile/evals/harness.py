@@ -28,9 +28,16 @@ RESULTS = REPO / "bench" / "results"
 
 
 def parse_policy(spec: str) -> tuple[str, dict]:
-    """ "specache:bits=1,topk=32" -> ("specache", {"bits": 1, "topk": 32})."""
+    """ "specache:bits=1,topk=32" -> ("specache", {"bits": 1, "topk": 32}). Names that are not Config fields go to
+    policy_options: "cake:budget=0.1" -> ("cake", {"policy_options": {"budget": 0.1}})."""
+    import dataclasses
+
+    from ..config import Config
+
+    fields = {f.name for f in dataclasses.fields(Config)}
     name, _, rest = spec.partition(":")
-    overrides = {}
+    overrides: dict = {}
+    options: dict = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
         for cast in (int, float):
@@ -41,7 +48,9 @@ def parse_policy(spec: str) -> tuple[str, dict]:
                 continue
         else:
             value = {"true": True, "false": False}.get(value.lower(), value)
-        overrides[key] = value
+        (overrides if key in fields else options)[key] = value
+    if options:
+        overrides["policy_options"] = options
     return name, overrides
 
 

@@ -7,8 +7,8 @@ calls kernels (``kernels.ops``); it never sees the graph, and the pass never kno
 
 from __future__ import annotations
 
-from .base import Policy, register_policy, registered
+from .base import Policy, PrefillView, register_policy, registered
 from .full import FullPolicy
 from .specache import SpeCachePolicy
 
-__all__ = ["Policy", "register_policy", "registered", "FullPolicy", "SpeCachePolicy"]
+__all__ = ["Policy", "PrefillView", "register_policy", "registered", "FullPolicy", "SpeCachePolicy"]

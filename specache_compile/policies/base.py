@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -25,16 +26,60 @@ def registered() -> dict[str, type[Policy]]:
     return dict(_REGISTRY)
 
 
+@dataclass
+class PrefillView:
+    """What a policy sees of one exact multi-query call (prefill or a chunk of it), after the runtime computed it.
+
+    q: [B, Hq, Sq, D] the queries; k, v: [B, Hkv, hi-lo, D] the attended keys/values on the model's device (store
+    positions [lo, hi)); the new tokens are store positions [start, start+Sq). ``bias(rows)`` gives the additive
+    float32 bias of the last ``rows`` query rows (mask and causality as the model asked): [B|1, Hq|1, rows, hi-lo].
+    Building only the rows a statistic needs keeps an observation window at O(rows x S), never O(S^2).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    is_causal: bool
+    lo: int
+    hi: int
+    start: int
+    scale: float
+
+    def bias(self, rows: int) -> torch.Tensor | None:
+        sq, ncols, dev = self.q.shape[2], self.hi - self.lo, self.q.device
+        rows = min(rows, sq)
+        out = None
+        if self.mask is not None:
+            m = self.mask[..., sq - rows :, :ncols]
+            if m.dtype == torch.bool:
+                out = torch.zeros(m.shape, dtype=torch.float32, device=dev).masked_fill_(~m, float("-inf"))
+            else:
+                out = m.to(device=dev, dtype=torch.float32)
+        if self.is_causal:  # SDPA's top-left aligned triangle: query row i sees columns j <= i
+            r = torch.arange(sq - rows, sq, device=dev).unsqueeze(1)
+            c = torch.arange(ncols, device=dev).unsqueeze(0)
+            causal = torch.zeros(rows, ncols, dtype=torch.float32, device=dev).masked_fill_(c > r, float("-inf"))
+            out = causal if out is None else out + causal
+        return out
+
+
 class Policy:
     """Base class. Subclasses set ``name`` and implement ``decode``; the others have working defaults.
 
     Per site, the runtime calls, in order: ``reset(site)`` when a new sequence starts, ``append(site, k, v, start)``
-    after new tokens were written to the host store, then ``decode(...)`` for single-query steps. Multi-query calls
-    (prefill, chunked prefill) are exact attention, done by the runtime: every method here (SpeCache Algorithm 1,
-    KCache, CAKE) computes prefill attention exactly and only changes what is kept afterwards.
+    after new tokens were written to the host store, ``prefill(site, view)`` after each exact multi-query call, then
+    ``decode(...)`` for single-query steps. Multi-query calls (prefill, chunked prefill) are exact attention, done by
+    the runtime: every method here (SpeCache Algorithm 1, KCache, CAKE, SnapKV) computes prefill attention exactly
+    and only changes what is kept afterwards.
+
+    ``uses_store``: False for policies that never read the full-precision store back (eviction and on-device
+    compression: streaming, snapkv, cake, quant, kvcomp); the runtime then writes nothing to it (unless
+    ``Config.measure_error`` needs the exact KV) and chunked prefill over earlier chunks is refused.
     """
 
     name: ClassVar[str] = ""
+    uses_store: ClassVar[bool] = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -48,6 +93,9 @@ class Policy:
 
     def append(self, site: Site, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """k, v: [B, Hkv, Sn, D] on the model's device, the tokens just written at positions [start, start+Sn)."""
+
+    def prefill(self, site: Site, view: PrefillView) -> None:
+        """After an exact multi-query call (see PrefillView). Eviction policies score and evict here."""
 
     def decode(
         self, site: Site, q: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int, scale: float

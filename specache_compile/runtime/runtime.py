@@ -19,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import Config, KVHome
 from ..kernels import ops
-from ..policies import registered
+from ..policies import PrefillView, registered
 from .store import Site
 
 log = logging.getLogger("specache")
@@ -171,12 +171,20 @@ class Runtime:
             p_hi = min(p_hi, site.length)  # INDEX mode: columns past the written length are never read
             if (p_lo, p_hi) == (start, start + sn):  # the attended tokens are exactly the new ones: no round trip
                 k, v = k_new, v_new
+            elif not site.keep_full:
+                raise CacheMismatch(
+                    f"specache: site {site_name}: policy {self.policy.name!r} keeps no full-precision KV, so a "
+                    f"multi-token call over earlier tokens (positions [{p_lo}, {p_hi}), new [{start}, {start + sn})) "
+                    "cannot be exact. Fix: prefill the prompt in one call, or use policy 'specache' or 'full'."
+                )
             else:
                 k, v = site.fetch_range(p_lo, p_hi)
             if mask is not None and k.shape[2] < ncols:
                 mask = mask[..., : k.shape[2]]
             # contiguous: SDPA's output strides follow q's (often a transposed view); the op's fake promises dense
-            return ops.exact_attention(q, k, v, mask, is_causal, scale).contiguous()
+            out = ops.exact_attention(q, k, v, mask, is_causal, scale).contiguous()
+            self.policy.prefill(site, PrefillView(q, k, v, mask, is_causal, p_lo, p_lo + k.shape[2], start, scale))
+            return out
         bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
         valid = max(p_lo, min(p_hi, site.length))  # INDEX mode: columns past the written length are never read
         if bias is not None and valid < p_hi:
@@ -212,6 +220,7 @@ class Runtime:
                 pin=home_host and k_new.device.type == "cuda",
                 home=self.config.kv_home.value,
                 capacity=self.config.max_seq_len or 0,
+                keep_full=self.policy.uses_store or self.config.measure_error,
             )
             self.sites[name] = site
         site.truncate(0)

@@ -40,18 +40,21 @@ class Site:
     pin: bool
     home: str = "host"  # Config.kv_home: which tier the full KV counts toward
     capacity: int = 0
+    keep_full: bool = True  # False: the policy never reads the full KV back (Policy.uses_store), nothing is stored
     tier: dict[str, Any] = field(default_factory=dict)
     stats: SiteStats = field(default_factory=SiteStats)
 
     def __post_init__(self) -> None:
         prefix = (self.batch, self.heads)
-        kw = {"pin": self.pin, "capacity": self.capacity}
+        kw = {"pin": self.pin, "capacity": self.capacity if self.keep_full else 0}
         self.k = Growable(prefix, (self.head_dim,), self.dtype, self.host_device, **kw)
         self.v = Growable(prefix, (self.v_head_dim,), self.dtype, self.host_device, **kw)
+        self._length = 0
 
     @property
     def length(self) -> int:
-        return self.k.length
+        """Tokens this site has seen (stored or not)."""
+        return self._length
 
     def matches(self, k_new: torch.Tensor, v_new: torch.Tensor) -> bool:
         b, h, _, d = k_new.shape
@@ -61,35 +64,54 @@ class Site:
 
     def write(self, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         # NOTE: a synchronous device->host copy. The stream manager (runtime/streams.py) moves it to a side stream.
-        self.k.write(start, k_new)
-        self.v.write(start, v_new)
+        if self.keep_full:
+            self.k.write(start, k_new)
+            self.v.write(start, v_new)
+        self._length = max(self._length, start + k_new.shape[2])
 
     def truncate(self, n: int) -> None:
         self.k.length = min(self.k.length, n)
         self.v.length = min(self.v.length, n)
+        self._length = min(self._length, n)
+
+    def _need_full(self) -> None:
+        if not self.keep_full:
+            raise RuntimeError(
+                f"specache: site {self.name}: the policy declared uses_store=False but read the full-precision store"
+            )
 
     def fetch_range(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K, V of positions [lo, hi) on the model's device: [B, Hkv, hi-lo, D]."""
+        self._need_full()
         k = self.k.view(lo, hi).to(self.device, non_blocking=False)
         v = self.v.view(lo, hi).to(self.device, non_blocking=False)
         self._count(k, v)
         return k, v
 
     def fetch(
-        self, idx: torch.Tensor, out_k: torch.Tensor | None = None, out_v: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows idx [B, Hkv, K] of the store, full precision, on the model's device (into out_* when given)."""
+        self,
+        idx: torch.Tensor,
+        out_k: torch.Tensor | None = None,
+        out_v: torch.Tensor | None = None,
+        *,
+        keys: bool = True,
+        values: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Rows idx [B, Hkv, K] of the store, full precision, on the model's device (into out_* when given).
+        ``keys=False`` / ``values=False`` skip that half (KCache fetches values only) and return None for it."""
+        self._need_full()
         n = idx.shape[-1]
         out_k = out_k[:, :, :n] if out_k is not None and out_k.shape[2] >= n else None
         out_v = out_v[:, :, :n] if out_v is not None and out_v.shape[2] >= n else None
-        k = ops.gather_rows(self.k.view(), idx, out_k, self.device)
-        v = ops.gather_rows(self.v.view(), idx, out_v, self.device)
+        k = ops.gather_rows(self.k.view(), idx, out_k, self.device) if keys else None
+        v = ops.gather_rows(self.v.view(), idx, out_v, self.device) if values else None
         self._count(k, v)
         return k, v
 
-    def _count(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.stats.fetched_rows += k.shape[0] * k.shape[1] * k.shape[2]
-        self.stats.fetched_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+    def _count(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        x = k if k is not None else v
+        self.stats.fetched_rows += x.shape[0] * x.shape[1] * x.shape[2]
+        self.stats.fetched_bytes += sum(t.numel() * t.element_size() for t in (k, v) if t is not None)
 
     def tier_bytes(self) -> dict[str, int]:
         host = self.k.nbytes + self.v.nbytes
