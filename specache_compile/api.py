@@ -65,6 +65,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
      "store": {name: {"length", "decode_steps", "fetched_rows", ..., "host", "device"}}, "bytes": {"host", "device"}}
     """
     runtime = runtime_of(model)
+    runtime.check_deferred()
     sites = {}
     for name, reports in runtime.graph_stats.items():
         statuses = {r.status for r in reports}

@@ -80,6 +80,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     uses_store: ClassVar[bool] = True
+    speculative: ClassVar[bool] = False  # implements decode_speculative (specache.generate's speculative steps)
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -103,6 +104,20 @@ class Policy:
         """Attention of q [B, Hq, 1, D] over store positions [lo, hi); bias [B|1, Hq|1, 1, hi-lo] additive or None.
         Returns [B, Hq, 1, Dv] in q.dtype."""
         raise NotImplementedError
+
+    def decode_speculative(
+        self, site: Site, q: torch.Tensor, k_spec: torch.Tensor, v_spec: torch.Tensor, bias: torch.Tensor | None,
+        lo: int, hi: int, scale: float,
+    ) -> torch.Tensor:
+        """A speculative step (SpeCache Algorithms 2-3): q [B, Hq, R, D] holds R-1 real rows (already appended at
+        [hi-R+1, hi)) and, last, the speculative row, whose key/value k_spec, v_spec [B, Hkv, 1, D] sit at position
+        ``hi`` and are never stored. Attention over store positions [lo, hi] (bias [.., R, hi-lo+1] or None). The
+        speculative row's attention predicts the next step's fetch."""
+        raise NotImplementedError(f"policy {self.name!r} has no speculative decode")
+
+    def site_report(self, site: Site) -> dict[str, Any]:
+        """Extra per-site figures for specache.stats (may sync: reporting only)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name}

@@ -28,12 +28,14 @@ import torch
 
 from ..kernels import ops
 from ..runtime.buffers import Growable
+from ..runtime.streams import Prefetch, overlap_count
 from .base import Policy, register_policy
 
 
 @register_policy
 class SpeCachePolicy(Policy):
     name = "specache"
+    speculative = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -43,6 +45,13 @@ class SpeCachePolicy(Policy):
         self.window = config.window
         self.sinks = config.sinks
         self.lowbit_remainder = config.lowbit_remainder
+        opts = dict(config.policy_options)
+        self.hit_every = opts.pop("hit_every", 8)
+        if isinstance(self.hit_every, bool) or not isinstance(self.hit_every, int) or self.hit_every < 0:
+            raise ValueError(f"specache policy: policy_options['hit_every'] expected an int >= 0 (0: never sample "
+                             f"prefetch hits), got {self.hit_every!r}")
+        if opts:
+            raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of ['hit_every']")
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
@@ -62,9 +71,19 @@ class SpeCachePolicy(Policy):
         t["win_v"] = Growable((b, h), (dv,), site.dtype, dev, capacity=self.window + self.group)
         t["sink_k"] = Growable((b, h), (d,), site.dtype, dev)
         t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
-        # The one device buffer fetched rows land in, sized once: topk rows per KV head.
-        t["fetch_k"] = torch.empty((b, h, self.topk, d), dtype=site.dtype, device=dev)
-        t["fetch_v"] = torch.empty((b, h, self.topk, dv), dtype=site.dtype, device=dev)
+        # Fetched rows land in two slots of topk rows per KV head, allocated once per sequence: the stream manager
+        # fills one (next step's prefetch) while attention reads the other. On-demand fetches use the free one.
+        pf = Prefetch.allocate(site.streams, b, h, max(self.topk, 1), d, dv, site.dtype, dev)
+        t["prefetch"] = pf
+        t["fetch_k"], t["fetch_v"] = pf.slots_k, pf.slots_v  # counted in the device tier
+        t["hits"] = torch.zeros((), dtype=torch.int64, device=dev)  # sampled prefetch hits (device counters)
+        t["hit_total"] = torch.zeros((), dtype=torch.int64, device=dev)
+        t["spec_steps"] = 0
+        if site.capacity:  # max_seq_len or specache.generate's hint: allocate once, no growth while decoding
+            for name in ("kq", "vq", "vs", "vz"):
+                t[name].reserve(site.capacity)
+            for name in ("ks", "kz"):
+                t[name].reserve(-(-site.capacity // self.group))
 
     def append(self, site, k, v, start):
         # k, v: [B, Hkv, Sn, D] on the device, positions [start, start + Sn).
@@ -138,7 +157,8 @@ class SpeCachePolicy(Policy):
             # GQA: mean over the query heads of a group (and over the query rows of a step)
             probs = probs.reshape(b, hkv, (hq // hkv) * sq, n_cand).mean(dim=2)
             idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions, ascending
-        k_f, v_f = site.fetch(idx, t["fetch_k"], t["fetch_v"])
+        with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
+            k_f, v_f = site.fetch(idx, *t["prefetch"].free_slot())
         # Full-precision columns in ascending position order: sinks < fetched (>= c_lo) < window (>= nq).
         dev = q.device
         pos = [torch.arange(lo, c_lo, device=dev).expand(b, hkv, c_lo - lo), idx,
@@ -150,6 +170,84 @@ class SpeCachePolicy(Policy):
         if bias is None and hi < nq:  # the op attends [lo, nq) of the low-bit copy unless a bias bounds it
             bias = torch.zeros((1, 1, sq, hi - lo), dtype=torch.float32, device=dev)
         return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, fp_pos, bias, scale)
+
+    # -- speculative decode (Algorithms 2 and 3) -------------------------------------------------------------------
+    def _rank(self, site, low_logits, q_rows, k_cols, bias_rows, lo, c_lo, qhi, scale):
+        """Top-k candidate positions [B, Hkv, k] from the query rows q_rows [B, Hq, r, D]: softmax of the low-bit
+        scores (low_logits [B, Hq, r, qhi-lo]) and the full-precision columns k_cols, GQA mean, top-k over
+        [c_lo, qhi)."""
+        b, hq, r = q_rows.shape[:3]
+        hkv = site.heads
+        n_cand = qhi - c_lo
+        logits = torch.cat([low_logits, ops.attention_logits(q_rows, k_cols, scale)], dim=-1)
+        if bias_rows is not None:
+            logits = logits + bias_rows
+        probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : qhi - lo]
+        probs = probs.reshape(b, hkv, (hq // hkv) * r, n_cand).mean(dim=2)
+        return ops.topk_positions(probs, self.topk) + c_lo
+
+    def decode_speculative(self, site, q, k_spec, v_spec, bias, lo, hi, scale):
+        # q: [B, Hq, R, D], R-1 real rows then the speculative row; k_spec, v_spec: [B, Hkv, 1, D] at position hi.
+        # bias: [.., R, hi - lo + 1] or None. The fetched rows were chosen by the previous step's speculative row.
+        t = site.tier
+        pf: Prefetch = t["prefetch"]
+        nq = t["nq"]
+        b, hq, r = q.shape[:3]
+        hkv, dev = site.heads, q.device
+        width = hi - lo + 1
+        if bias is None:  # real rows never see the speculative column (a model without a causal mask)
+            bias = torch.zeros((1, 1, r, width), dtype=torch.float32, device=dev)
+            bias[:, :, : r - 1, -1] = float("-inf")
+        qhi = max(lo, min(hi, nq))  # [lo, qhi) low-bit; [qhi, hi) window; hi the speculative token
+        k_cols = torch.cat([t["win_k"].view(qhi - nq, hi - nq), k_spec], dim=2)
+        v_cols = torch.cat([t["win_v"].view(qhi - nq, hi - nq), v_spec], dim=2)
+        got = pf.take()  # what the previous step's speculative row prefetched (waits for its event, no host sync)
+        if qhi == lo:  # everything attended is in full precision on the device
+            return ops.sparse_attention(q, k_cols, v_cols, bias, scale)
+        low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
+        c_lo = max(lo, min(self.sinks, qhi))
+        n_cand = qhi - c_lo
+        sinks = c_lo > lo
+        if n_cand <= self.topk:
+            # every candidate fits: fetch them all now (exact attention); nothing to predict
+            idx = torch.arange(c_lo, qhi, device=dev).expand(b, hkv, n_cand)
+            with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
+                k_f, v_f = site.fetch(idx, *pf.free_slot())
+        else:
+            low_logits = ops.lowbit_scores(q, low[0], low[1], low[2], self.bits, self.group, scale)[..., lo:qhi]
+            # next step's top-k from the speculative row, fetched on the side stream while this step goes on
+            nxt = self._rank(site, low_logits[:, :, -1:], q[:, :, -1:], k_cols, bias[..., -1:, :], lo, c_lo, qhi,
+                             scale)
+            if got is None:  # first step after a prefill (pre-decoding): no prefetched rows, the low-bit copy only
+                idx = torch.full((b, hkv, 0), -1, dtype=torch.long, device=dev)
+                k_f = q.new_empty((b, hkv, 0, q.shape[-1]))
+                v_f = q.new_empty((b, hkv, 0, v_cols.shape[-1]))
+            else:
+                idx, k_f, v_f = got
+                t["spec_steps"] += 1
+                if r > 1 and self.hit_every and t["spec_steps"] % self.hit_every == 0:
+                    # sampled: the real row's own top-k, to count how much of it the prefetch held
+                    real = self._rank(site, low_logits[:, :, :1], q[:, :, :1], k_cols, bias[..., :1, :], lo, c_lo,
+                                      qhi, scale)
+                    t["hits"] += overlap_count(real, idx)
+                    t["hit_total"] += real.numel()
+            pf.issue(site, nxt)
+        pos = [torch.arange(lo, c_lo, device=dev).expand(b, hkv, c_lo - lo), idx,
+               torch.arange(qhi, hi + 1, device=dev).expand(b, hkv, hi + 1 - qhi)]
+        k_fp = torch.cat([t["sink_k"].view(lo, c_lo), k_f, k_cols] if sinks else [k_f, k_cols], dim=2)
+        v_fp = torch.cat([t["sink_v"].view(lo, c_lo), v_f, v_cols] if sinks else [v_f, v_cols], dim=2)
+        return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, torch.cat(pos, dim=2),
+                                           bias, scale)
+
+    def site_report(self, site):
+        t = site.tier
+        pf = t.get("prefetch")
+        if pf is None:
+            return {}
+        total = int(t["hit_total"])  # reporting only: syncs
+        return {"prefetch_issued": pf.stats.issued, "prefetch_consumed": pf.stats.consumed,
+                "prefetch_dropped": pf.stats.dropped, "prefetch_hits": int(t["hits"]), "prefetch_sampled": total,
+                "prefetch_hit_rate": (int(t["hits"]) / total) if total else None}
 
     def _decode_dropping(self, site, q, bias, lo, hi, scale):
         """lowbit_remainder=False: attention over sinks ∪ top-k ∪ window only (the low-bit copy only ranks)."""
@@ -180,7 +278,8 @@ class SpeCachePolicy(Policy):
             probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : n_cand + c_lo - lo]  # [B, Hq, 1, n_cand]
             probs = probs.reshape(b, hkv, hq // hkv, n_cand).mean(dim=2)  # GQA: mean over the group
             idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions
-        k_f, v_f = site.fetch(idx, t["fetch_k"], t["fetch_v"])
+        with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
+            k_f, v_f = site.fetch(idx, *t["prefetch"].free_slot())
         rel = (idx - lo).unsqueeze(-1)
         k_cols[:, :, : qhi - lo].scatter_(2, rel.expand(-1, -1, -1, k_cols.shape[-1]), k_f)
         v_cols[:, :, : qhi - lo].scatter_(2, rel.expand(-1, -1, -1, v_cols.shape[-1]), v_f)
@@ -196,3 +295,8 @@ class SpeCachePolicy(Policy):
             drop = drop.repeat_interleave(hq // hkv, dim=1).unsqueeze(2)  # [B, Hq, 1, ncols]
             bias = drop if bias is None else bias + drop
         return ops.sparse_attention(q, k_cols, v_cols, bias, scale)
+
+
+def _row_bytes(site, idx) -> int:
+    """Bytes of the K and V rows idx [B, Hkv, K] (shape arithmetic, no sync)."""
+    return idx.numel() * (site.head_dim + site.v_head_dim) * site.dtype.itemsize

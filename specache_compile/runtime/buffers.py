@@ -24,6 +24,8 @@ class Growable:
         self.prefix, self.row, self.dtype, self.device, self.pin = tuple(prefix), tuple(row), dtype, device, pin
         self.length = 0
         self.data = self._alloc(capacity)
+        # async device->host copies into pinned memory may be in flight (see _copy_in)
+        self._inflight = False
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         shape = (*self.prefix, capacity, *self.row)
@@ -39,14 +41,28 @@ class Growable:
         old = self.data.shape[self.seq_dim]
         new = self._alloc(max(capacity, old + old // 4 + 64))
         if self.length:
+            if self._inflight:
+                # NOTE: a host sync, only when a pinned buffer grows: the CPU copy below must not read rows that a
+                # device->host copy is still writing. Config.max_seq_len allocates once and never gets here.
+                torch.cuda.synchronize()
+                self._inflight = False
             new.narrow(self.seq_dim, 0, self.length).copy_(self.view())
         self.data = new
+
+    def _copy_in(self, dst: torch.Tensor, x: torch.Tensor) -> None:
+        if x.is_cuda and self.pin:
+            # device -> pinned host without blocking the host: ordered on the current stream before every later
+            # reader on it (and before the stream manager's side stream, which waits for it before a fetch).
+            dst.copy_(x, non_blocking=True)
+            self._inflight = True
+        else:
+            dst.copy_(x)
 
     def append(self, x: torch.Tensor) -> None:
         # x: [*prefix, n, *row]
         n = x.shape[self.seq_dim]
         self.reserve(self.length + n)
-        self.data.narrow(self.seq_dim, self.length, n).copy_(x)
+        self._copy_in(self.data.narrow(self.seq_dim, self.length, n), x)
         self.length += n
 
     def write(self, start: int, x: torch.Tensor) -> None:
@@ -54,7 +70,7 @@ class Growable:
         assert start <= self.length, (start, self.length)
         n = x.shape[self.seq_dim]
         self.reserve(start + n)
-        self.data.narrow(self.seq_dim, start, n).copy_(x)
+        self._copy_in(self.data.narrow(self.seq_dim, start, n), x)
         self.length = max(self.length, start + n)
 
     def view(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ the model's own cache would have laid it out, and the policy computes the attent
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -21,12 +22,16 @@ from ..config import Config, KVHome
 from ..kernels import ops
 from ..policies import PrefillView, registered
 from .store import Site
+from .streams import Streams
 
 log = logging.getLogger("specache")
 
 # How the model's cache lays out the keys the original attention read (set by the pass, see passes/kv_source.py).
 APPEND = 0  # torch.cat([past, new], dim=-2): DynamicCache, DynamicSlidingWindowLayer; past_len = base_len - new
 INDEX = 1  # buf.index_copy_(2, pos, new) / buf[:, :, pos] = new: StaticCache, gpt-fast; columns are positions
+
+# Step modes (Runtime.stepping): how the runtime reads the next calls. See specache_compile/generate.py.
+NORMAL, LOOKAHEAD, SPECULATIVE = "normal", "lookahead", "speculative"
 
 
 class CacheMismatch(RuntimeError):
@@ -84,6 +89,12 @@ class Runtime:
         self.handle = next(_ids)
         self.graph_stats: dict[str, list] = {}  # site -> the pass's SiteReport for each graph the site appeared in
         self._params: list[weakref.ref] = []
+        self.streams = Streams()
+        self.capacity_hint = 0  # tokens the next sequence will reach (specache.generate sets it): one allocation
+        self.calls = 0  # attend calls served: specache.generate checks every model call reached the runtime
+        self.step_mode = NORMAL
+        self._pos_bad: torch.Tensor | None = None
+        self._pos_site: tuple[str, int] = ("", 0)
         _RUNTIMES[self.handle] = self
 
     def adopt(self, params: list[torch.Tensor]) -> None:
@@ -108,7 +119,24 @@ class Runtime:
     ) -> torch.Tensor:
         # q: [B, Hq, Sq, D]; k_new, v_new: [B, Hkv, Sn, D] the tokens this call adds; mask: [.., Sq, ncols] or None
         sq, sn = q.shape[2], k_new.shape[2]
+        self.calls += 1
         site = self.sites.get(site_name)
+        speculating = self.step_mode != NORMAL
+        n_real = sn  # tokens this call appends to the store (a speculative row is attended, never stored)
+        if speculating:
+            want = 1 if self.step_mode == LOOKAHEAD else 2
+            if sq != want or sn != want or site is None or site.length == 0:
+                raise CacheMismatch(
+                    f"specache: site {site_name}: a {self.step_mode} step expects {want} new token(s) after a prefill, "
+                    f"got {sn} (queries {sq}) with {0 if site is None else site.length} stored. Fix: drive speculative "
+                    "decoding through specache.generate."
+                )
+            if not self.policy.speculative:
+                raise CacheMismatch(f"specache: policy {self.policy.name!r} does not decode speculatively; "
+                                    "fix: use specache.generate with speculative=False")
+            n_real = want - 1
+        elif sq > 1:
+            self.check_deferred()
         if mode == APPEND:
             past = base_len - sn
             if past == 0 or site is None:
@@ -126,9 +154,14 @@ class Runtime:
                 )
             start = site.length
             first = start + sn - base_len  # store position of base column 0 (> 0 for a sliding-window layer)
+        elif (sq == 1 or speculating) and site is not None and site.length > 0:
+            # A decode step continues the sequence at the store's length: no host read of the positions (it would
+            # sync once per layer per step). The check runs on the device; check_deferred() raises at the next
+            # prefill, specache.stats() or the end of specache.generate.
+            start, first = site.length, 0
+            self._defer_position_check(site_name, write_pos, start, sn)
         else:
-            # NOTE: reading the write positions to the host syncs with the device once per layer per step; the stream
-            # manager keeps a host-side mirror instead.
+            # NOTE: reading the write positions to the host syncs with the device: prefill only.
             pos = write_pos.reshape(-1).to("cpu")
             start = int(pos[0])
             if pos.numel() != sn or not torch.equal(pos, torch.arange(start, start + sn)):
@@ -155,8 +188,10 @@ class Runtime:
                 f"{site.dtype} on {site.device}; got {tuple(k_new.shape)} {k_new.dtype} on {k_new.device} without a "
                 "new prefill. Fix: start a new sequence (empty cache) when the batch changes."
             )
-        site.write(start, k_new, v_new)
-        self.policy.append(site, k_new, v_new, start)
+        if n_real:
+            k_in, v_in = (k_new, v_new) if n_real == sn else (k_new[:, :, :n_real], v_new[:, :, :n_real])
+            site.write(start, k_in, v_in)
+            self.policy.append(site, k_in, v_in, start)
 
         # Base columns [lo, hi) of what the original attention read, then store positions [p_lo, p_hi).
         lo, hi, step = slice(col_start, col_stop).indices(base_len)
@@ -164,6 +199,18 @@ class Runtime:
             raise CacheMismatch(f"specache: site {site_name}: strided KV slice (step {step}) reached the runtime")
         ncols = max(0, hi - lo)
         p_lo, p_hi = first + lo, first + lo + ncols
+        if speculating:
+            # The speculative token sits at store position site.length (never written): one column past the store.
+            bias = ops.attention_bias(mask, is_causal, sq, ncols, q.device)
+            valid = min(p_hi, site.length + 1)
+            if valid != site.length + 1:
+                raise CacheMismatch(f"specache: site {site_name}: a speculative step must attend to its own token "
+                                    f"(position {site.length}); the model's attention stops at {valid}")
+            if bias is not None and valid < p_hi:
+                bias = bias[..., : valid - p_lo]
+            site.stats.decode_steps += n_real
+            return self.policy.decode_speculative(site, q, k_new[:, :, -1:], v_new[:, :, -1:], bias, p_lo,
+                                                  site.length, scale)
         if sq > 1:
             # Multi-query calls (prefill, chunked prefill) are exact attention for every policy, through SDPA itself:
             # flash/memory-efficient kernels on CUDA, and the very kernel the original graph called.
@@ -196,6 +243,41 @@ class Runtime:
             self._measure(site, q, bias, p_lo, p_hi, scale, out)
         return out
 
+    # -- speculative decoding and deferred checks -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def stepping(self, mode: str):
+        """Run the model's next call(s) as ``mode``: "lookahead" (SpeCache Algorithm 2: one token attended, not
+        stored) or "speculative" (Algorithm 3: [real, speculative] tokens, only the real one stored)."""
+        if mode not in (NORMAL, LOOKAHEAD, SPECULATIVE):
+            raise ValueError(f"specache: step mode expected one of {NORMAL!r}, {LOOKAHEAD!r}, {SPECULATIVE!r}, "
+                             f"got {mode!r}")
+        prev, self.step_mode = self.step_mode, mode
+        try:
+            yield
+        finally:
+            self.step_mode = prev
+
+    def _defer_position_check(self, site_name: str, write_pos: torch.Tensor, start: int, n: int) -> None:
+        want = torch.arange(start, start + n, device=write_pos.device)
+        bad = (write_pos.reshape(-1)[:n] != want).any() | (write_pos.numel() != n)
+        if self._pos_bad is None:
+            self._pos_bad, self._pos_site = bad, (site_name, start)
+        else:
+            self._pos_bad = self._pos_bad | bad
+
+    def check_deferred(self) -> None:
+        """Raise if a decode step wrote its cache somewhere else than the next position (checked on the device)."""
+        if self._pos_bad is None:
+            return
+        bad, (name, start) = self._pos_bad, self._pos_site
+        self._pos_bad = None
+        if bool(bad):
+            raise CacheMismatch(
+                f"specache: a decode step since position {start} (first at site {name}) wrote its cache at other "
+                "positions than the next one; the tokens it produced attended to the wrong history. Fix: write the "
+                "cache in order (cache_position = arange(past, past + n)) and re-prefill."
+            )
+
     def _skipped_note(self, site_name: str) -> str:
         skipped = [r.reason for r in self.graph_stats.get(site_name, []) if r.status == "skipped"]
         if not skipped:
@@ -219,11 +301,16 @@ class Runtime:
                 # pinned host memory only where a device will copy from it
                 pin=home_host and k_new.device.type == "cuda",
                 home=self.config.kv_home.value,
-                capacity=self.config.max_seq_len or 0,
+                capacity=max(self.config.max_seq_len or 0, self.capacity_hint),
                 keep_full=self.policy.uses_store or self.config.measure_error,
+                streams=self.streams,
             )
             self.sites[name] = site
         site.truncate(0)
+        site.capacity = max(site.capacity, self.capacity_hint)
+        if self.capacity_hint and site.keep_full:
+            site.k.reserve(self.capacity_hint)
+            site.v.reserve(self.capacity_hint)
         site.stats = type(site.stats)()
         self.policy.reset(site)
         return site
@@ -246,4 +333,7 @@ class Runtime:
         return out
 
     def site_stats(self) -> dict[str, dict[str, Any]]:
-        return {name: {"length": s.length, **asdict(s.stats), **s.tier_bytes()} for name, s in self.sites.items()}
+        return {
+            name: {"length": s.length, **asdict(s.stats), **s.tier_bytes(), **self.policy.site_report(s)}
+            for name, s in self.sites.items()
+        }

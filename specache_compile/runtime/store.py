@@ -14,6 +14,7 @@ import torch
 
 from ..kernels import ops
 from .buffers import Growable
+from .streams import Streams
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Site:
     home: str = "host"  # Config.kv_home: which tier the full KV counts toward
     capacity: int = 0
     keep_full: bool = True  # False: the policy never reads the full KV back (Policy.uses_store), nothing is stored
+    streams: Streams = field(default_factory=Streams)  # the runtime's stream manager: side streams for prefetches
     tier: dict[str, Any] = field(default_factory=dict)
     stats: SiteStats = field(default_factory=SiteStats)
 
@@ -96,15 +98,17 @@ class Site:
         *,
         keys: bool = True,
         values: bool = True,
+        stream: torch.cuda.Stream | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Rows idx [B, Hkv, K] of the store, full precision, on the model's device (into out_* when given).
-        ``keys=False`` / ``values=False`` skip that half (KCache fetches values only) and return None for it."""
+        ``keys=False`` / ``values=False`` skip that half (KCache fetches values only) and return None for it.
+        ``stream``: run the gathers there (the stream manager's side stream); the caller orders it."""
         self._need_full()
         n = idx.shape[-1]
         out_k = out_k[:, :, :n] if out_k is not None and out_k.shape[2] >= n else None
         out_v = out_v[:, :, :n] if out_v is not None and out_v.shape[2] >= n else None
-        k = ops.gather_rows(self.k.view(), idx, out_k, self.device) if keys else None
-        v = ops.gather_rows(self.v.view(), idx, out_v, self.device) if values else None
+        k = ops.gather_rows(self.k.view(), idx, out_k, self.device, stream) if keys else None
+        v = ops.gather_rows(self.v.view(), idx, out_v, self.device, stream) if values else None
         self._count(k, v)
         return k, v
 

@@ -1,0 +1,301 @@
+"""End-to-end decode: the full cache on the GPU, transformers' offloaded cache, and specache, side by side.
+
+    python bench/decode.py                                   # H100: Llama-3-8B shape, 8K/32K/128K, batch 1 (+8)
+    python bench/decode.py --tiny --contexts 256 512         # CPU smoke run (a 2-layer model; no figures worth citing)
+
+A Llama-3-8B-shaped model (32 layers, hidden 4096, 32/8 heads, D=128) with random bf16 weights, built once; every
+method gets a view of the same weights. Per (method, context, batch): a prefill in chunks, then ``--warmup`` steps
+(recompiles land there) and ``--steps`` timed decode steps (CUDA events between consecutive steps, median), then
+``--timed-fetch`` steps with the fetch spans recorded (runtime/streams.py FetchTimer) for fetch GB/s and the exposed
+fetch time. Methods:
+
+- ``full``: the model with a StaticCache on the GPU, decode compiled with torch.compile (default mode), prefill eager;
+- ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
+- ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
+- ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
+- any other registered policy name (``streaming``, ``snapkv``, ``quant``, ``kcache``, ``cake``, ``kvcomp``...), at a
+  KV budget of ``--budget-frac`` of the context where the policy takes one.
+
+One JSON line per row to bench/results/decode.jsonl; PNG plots next to it (step time and device memory vs context).
+A row that runs out of memory is written with ``oom: true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
+
+import specache  # noqa: E402
+from specache_compile.runtime.streams import FetchTimer  # noqa: E402
+
+
+def build(tiny: bool, device: str, layers: int | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers or 2,
+                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 17)
+        dtype = torch.float32
+    else:
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_hidden_layers=layers or 32, num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=1 << 18, rope_theta=500000.0)
+        dtype = torch.bfloat16
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    for p in model.parameters():  # random weights at a sane scale (init_std 0.02 on every matrix)
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def shared_copy(model):
+    """A new module tree over the same parameter tensors (no weight memory): each method compiles its own."""
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def cache_bytes(cache, device_type: str) -> int:
+    n = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor) and t.device.type == device_type:
+                n += t.numel() * t.element_size()
+    return n
+
+
+class StepClock:
+    """CUDA events between consecutive decode steps (no sync while running); wall clock on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def steps_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step):
+    """Plain greedy loop for the non-specache methods: chunked prefill, then one token per step."""
+    b, s = ids.shape
+    dev = ids.device
+    out = None
+    for a in range(0, s, chunk):
+        e = min(s, a + chunk)
+        out = forward_prefill(input_ids=ids[:, a:e], past_key_values=cache, use_cache=True,
+                              cache_position=torch.arange(a, e, device=dev), logits_to_keep=1)
+    tok = out.logits[:, -1:].argmax(-1)
+    for i in range(n_steps - 1):
+        out = forward_decode(input_ids=tok, past_key_values=cache, use_cache=True,
+                             cache_position=torch.tensor([s + i], device=dev), logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        on_step(i)
+    return tok
+
+
+def run_row(method, base, ctx, batch, args, compiled: dict):
+    dev = next(base.parameters()).device
+    cuda = dev.type == "cuda"
+    ids = torch.randint(3, base.config.vocab_size, (batch, ctx), device=dev)
+    total = args.warmup + args.steps + args.timed_fetch + 1
+    clock = StepClock(cuda)
+    runtime = None
+
+    def on_step(i):
+        clock.mark()
+        if runtime is not None and i == args.warmup + args.steps:
+            runtime.streams.timer = FetchTimer()  # the last timed_fetch steps record fetch spans
+
+    row = {"bench": "decode", "method": method, "context": ctx, "batch": batch}
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    t0 = time.perf_counter()
+    kv_dev = host = 0
+    hit = None
+    with torch.no_grad():
+        if method == "full":
+            from transformers import StaticCache
+
+            m = compiled.setdefault("full", shared_copy(base))
+            fwd = compiled.setdefault("full_fwd", torch.compile(m.forward))
+            cache = StaticCache(config=m.config, max_cache_len=ctx + total + 1)
+            greedy(m.forward, fwd, ids, cache, total, args.prefill_chunk, on_step)
+            kv_dev = cache_bytes(cache, dev.type)
+        elif method == "hf-offloaded":
+            from transformers import DynamicCache
+
+            m = compiled.setdefault("hf", shared_copy(base))
+            try:
+                cache = DynamicCache(config=m.config, offloading=True)
+            except TypeError:
+                from transformers import OffloadedCache
+
+                cache = OffloadedCache()
+            greedy(m.forward, m.forward, ids, cache, total, args.prefill_chunk, on_step)
+            kv_dev = cache_bytes(cache, dev.type)
+            host = cache_bytes(cache, "cpu")
+        else:
+            key = method
+            if key not in compiled:
+                m = shared_copy(base)
+                name = "specache" if method.startswith("specache") else method
+                opts = {}
+                if name not in ("specache", "full", "quant", "kvcomp", "kcache"):
+                    opts = {"policy_options": {"budget": args.budget_frac}}
+                specache.compile(m, policy=name, inner=args.inner, **opts)
+                compiled[key] = m
+            m = compiled[key]
+            runtime = specache.runtime_of(m) if hasattr(m, "_specache_runtime") else None
+            spec = method == "specache"
+            specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step)
+            runtime = specache.runtime_of(m)
+            mem = specache.memory(m)
+            kv_dev, host = mem["device"], mem["host"]
+            st = specache.stats(m)["store"]
+            hits = sum(s.get("prefetch_hits", 0) for s in st.values())
+            sampled = sum(s.get("prefetch_sampled", 0) for s in st.values())
+            hit = hits / sampled if sampled else None
+            timer, runtime.streams.timer = runtime.streams.timer, None
+            if timer is not None and cuda:
+                f = timer.summary()
+                moved_ms = f.get("prefetch_ms", 0.0) + f.get("demand_ms", 0.0)
+                moved = f.get("prefetch_bytes", 0) + f.get("demand_bytes", 0)
+                row["fetch_gbps"] = moved / moved_ms / 1e6 if moved_ms else None
+                row["exposed_fetch_ms"] = (f.get("wait_ms", 0.0) + f.get("demand_ms", 0.0)) / args.timed_fetch
+                row["fetch_spans"] = f
+            specache.reset(m)
+    wall = time.perf_counter() - t0
+    times = clock.steps_ms()
+    timed = times[args.warmup : args.warmup + args.steps]
+    step = statistics.median(timed)
+    row.update({
+        "step_ms": step,
+        "tok_s": batch * 1e3 / step,
+        "kv_device_bytes": kv_dev,
+        "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "weights_bytes": weights,
+        "host_kv_bytes": host,
+        "prefetch_hit_rate": hit,
+        "first_steps_ms": times[: args.warmup],
+        "row_wall_s": wall,
+        "inner": args.inner if method not in ("full", "hf-offloaded") else ("inductor" if method == "full" else "eager"),
+    })
+    row.setdefault("fetch_gbps", None)
+    row.setdefault("exposed_fetch_ms", None)
+    return row
+
+
+def plot(rows, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == method and r["batch"] == 1 and r.get("step_ms")),
+                    key=lambda r: r["context"])
+        if not rs:
+            continue
+        x = [r["context"] for r in rs]
+        axes[0].plot(x, [r["step_ms"] for r in rs], marker="o", label=method)
+        axes[1].plot(x, [r["kv_device_bytes"] / 2**30 for r in rs], marker="o", label=method)
+    for ax, title, unit in ((axes[0], "decode step (batch 1)", "ms"), (axes[1], "KV bytes on the device", "GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["full", "hf-offloaded", "specache", "specache-noprefetch"])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument("--extra", nargs="*", default=[], metavar="CTXxBATCH",
+                    help="extra (context, batch) rows, e.g. 65536x8 (where full runs out of memory)")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--timed-fetch", type=int, default=4)
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
+    ap.add_argument("--budget-frac", type=float, default=0.15, help="KV budget of eviction policies (fraction)")
+    ap.add_argument("--inner", default="auto", help="specache's inner compiler (auto = inductor on CUDA)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model (CPU smoke run)")
+    ap.add_argument("--out", default="decode.jsonl")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = build(args.tiny, device, args.layers)
+    shapes = [(c, b) for b in args.batches for c in args.contexts]
+    for e in args.extra:
+        c, _, b = e.partition("x")
+        shapes.append((int(c), int(b)))
+    env = env_fields()
+    rows = []
+    for method in args.methods:
+        torch._dynamo.reset()  # each method compiles afresh (recompile limits are per code object, process-wide)
+        compiled: dict = {}
+        for ctx, batch in shapes:
+            try:
+                row = run_row(method, base, ctx, batch, args, compiled)
+            except torch.cuda.OutOfMemoryError as e:
+                row = {"bench": "decode", "method": method, "context": ctx, "batch": batch, "oom": True,
+                       "error": str(e).splitlines()[0][:200], "step_ms": None}
+            except Exception as e:  # one failing row must not lose the others; its error is the row
+                row = {"bench": "decode", "method": method, "context": ctx, "batch": batch, "oom": False,
+                       "error": f"{type(e).__name__}: {e}"[:400], "step_ms": None}
+            row.update(env)
+            rows.append(row)
+            write_rows(args.out, [row])
+            keys = ("step_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate", "exposed_fetch_ms",
+                    "fetch_gbps", "error")
+            print(method, ctx, batch, {k: row.get(k) for k in keys}, flush=True)
+            with contextlib.suppress(Exception):
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        compiled.clear()
+    if not args.no_plot:
+        plot(rows, RESULTS / Path(args.out).with_suffix(".png").name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

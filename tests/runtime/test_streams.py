@@ -1,0 +1,160 @@
+"""The stream manager and speculative decoding, with CUDA absent: the bookkeeping is the same code as on the GPU
+(the side stream and its events are the only parts skipped), so these tests cover the protocol itself."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf_models  # noqa: E402
+
+import specache  # noqa: E402
+from specache_compile.runtime.runtime import SPECULATIVE, CacheMismatch  # noqa: E402
+from specache_compile.runtime.store import Site  # noqa: E402
+from specache_compile.runtime.streams import Prefetch, Streams, overlap_count  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+
+
+def _site(length=40, b=2, h=2, d=8):
+    site = Site("s", b, h, d, d, torch.float32, torch.device("cpu"), torch.device("cpu"), pin=False)
+    k = torch.randn(b, h, length, d)
+    site.write(0, k, k + 1000)
+    return site, k
+
+
+def test_prefetch_alternates_slots_and_returns_what_was_issued():
+    site, k = _site()
+    pf = Prefetch.allocate(Streams(), 2, 2, 4, 8, 8, torch.float32, torch.device("cpu"))
+    idx = torch.tensor([3, 7, 11, 20]).expand(2, 2, 4)
+    pf.issue(site, idx)
+    assert pf.pending[0] == 0 and pf.next_slot == 1
+    got_idx, gk, gv = pf.take()
+    assert torch.equal(got_idx, idx)
+    assert torch.equal(gk, k[:, :, [3, 7, 11, 20]]) and torch.equal(gv, k[:, :, [3, 7, 11, 20]] + 1000)
+    assert gk.data_ptr() == pf.slots_k[0].data_ptr()  # slot 0 was filled
+    assert pf.take() is None  # consumed once
+    # the next issue goes to the other slot: the one attention may still be reading is never a target
+    pf.issue(site, idx[..., :2])
+    assert pf.pending[0] == 1
+    # an on-demand fetch takes the slot no fetch in flight targets, and drops the pending one
+    free_k, _ = pf.free_slot()
+    assert free_k.data_ptr() == pf.slots_k[0].data_ptr()
+    assert pf.pending is None
+    assert (pf.stats.issued, pf.stats.consumed, pf.stats.dropped) == (2, 1, 1)
+
+
+def test_prefetch_replaced_before_use_counts_as_dropped():
+    site, _ = _site()
+    pf = Prefetch.allocate(Streams(), 2, 2, 4, 8, 8, torch.float32, torch.device("cpu"))
+    pf.issue(site, torch.zeros(2, 2, 4, dtype=torch.long))
+    pf.issue(site, torch.ones(2, 2, 4, dtype=torch.long))
+    idx, _, _ = pf.take()
+    assert bool((idx == 1).all()) and pf.stats.dropped == 1
+
+
+def test_overlap_count():
+    real = torch.tensor([[[1, 2, 3, 4]], [[5, 6, 7, 8]]])
+    pred = torch.tensor([[[4, 3, 9, 10]], [[8, 0, 1, 2]]])
+    assert int(overlap_count(real, pred)) == 3
+
+
+def _prompt(b=2, s=150, pad=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, hf_models.VOCAB, (b, s), generator=g)
+    mask = torch.ones_like(ids)
+    mask[b - 1, :pad] = 0 if b > 1 else 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_generate_equals_greedy_when_topk_covers_the_context(speculative):
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt()
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+    m = specache.compile(hf_models.twin(base), topk=512, window=16, group_size=16)
+    out = specache.generate(m, ids, 12, attention_mask=mask, speculative=speculative)
+    assert torch.equal(out, ref)
+    st = next(iter(specache.stats(m)["store"].values()))
+    # every real token but the last is stored; the speculative ones never are
+    assert st["length"] == ids.shape[1] + 11
+    assert st["decode_steps"] == 11
+
+
+def test_generate_speculative_prefetches_every_step_and_reports_hits():
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt(s=300)
+    m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16,
+                         policy_options={"hit_every": 1})
+    specache.generate(m, ids, 10, attention_mask=mask)
+    for st in specache.stats(m)["store"].values():
+        # pre-decoding issues the first prefetch; each of the 9 steps consumes one and issues the next
+        assert (st["prefetch_issued"], st["prefetch_consumed"], st["prefetch_dropped"]) == (10, 9, 0)
+        assert st["prefetch_sampled"] == 9 * 2 * 2 * 8  # steps x batch x KV heads x topk
+        assert 0 <= st["prefetch_hits"] <= st["prefetch_sampled"]
+        assert st["fetched_rows"] == 10 * 2 * 2 * 8  # only prefetches: no on-demand fetch in speculative mode
+
+
+def test_generate_chunked_prefill_equals_one_call():
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt(s=200)
+    outs = []
+    for chunk in (None, 64):
+        torch._dynamo.reset()
+        m = specache.compile(hf_models.twin(base), topk=16, window=16, group_size=16)
+        outs.append(specache.generate(m, ids, 8, attention_mask=mask, prefill_chunk=chunk))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_generate_with_static_cache_defers_the_position_check():
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", layers=2)
+    ids, _ = _prompt(b=1, s=60)
+    ref = base.generate(ids, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
+    m = specache.compile(hf_models.twin(base), topk=512, window=16, group_size=16)
+    cache = StaticCache(config=m.config, max_cache_len=128)
+    out = specache.generate(m, ids, 8, past_key_values=cache)
+    assert torch.equal(out, ref)
+    # a decode step written at a wrong position is caught on the device and raised at the next check
+    runtime = specache.runtime_of(m)
+    tok = out[:, -1:]
+    for layer in cache.layers:  # transformers 5.2x writes at its own counter, 5.1x at cache_position: move both
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.sub_(5)
+    with torch.no_grad():
+        m(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=torch.tensor([100]),
+          position_ids=torch.tensor([[100]]))
+    with pytest.raises(CacheMismatch, match="other positions than the next one"):
+        specache.stats(m)
+    runtime.check_deferred()  # raised once, then cleared
+
+
+def test_speculative_step_refused_for_a_policy_without_it():
+    base = hf_models.build("llama", layers=2)
+    ids, _ = _prompt(b=1, s=40)
+    m = specache.compile(hf_models.twin(base), policy="full")
+    out = m(input_ids=ids, use_cache=True)
+    runtime = specache.runtime_of(m)
+    with runtime.stepping(SPECULATIVE), pytest.raises(CacheMismatch, match="does not decode speculatively"):
+        m(input_ids=ids[:, :2], past_key_values=out.past_key_values, use_cache=True)
+    # specache.generate simply decodes without speculation for such a policy
+    torch._dynamo.reset()
+    m2 = specache.compile(hf_models.twin(base), policy="full")
+    assert specache.generate(m2, ids, 4).shape == (1, 4)
+    with pytest.raises(ValueError, match="step mode"):
+        with runtime.stepping("sideways"):
+            pass
