@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
-
 import specache  # noqa: E402
+from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
 from specache_compile.runtime.streams import FetchTimer  # noqa: E402
 
 
@@ -208,7 +207,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "prefetch_hit_rate": hit,
         "first_steps_ms": times[: args.warmup],
         "row_wall_s": wall,
-        "inner": args.inner if method not in ("full", "hf-offloaded") else ("inductor" if method == "full" else "eager"),
+        "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
     })
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
