@@ -24,3 +24,77 @@ def test_cuda_inductor_generate_matches(policy):
     assert torch.equal(got, want)
     site = next(iter(specache.runtime_of(model).sites.values()))
     assert site.k.data.device.type == "cpu" and site.k.data.is_pinned()
+
+
+# -- the stream manager and speculative decoding (issue 4) ------------------------------------------------------------
+
+
+def _bigger(dtype):
+    # head_dim 64, 8 query / 2 KV heads: shapes the Triton kernels take (the 16-wide default model falls back)
+    return build("llama", "sdpa", dtype=dtype, heads=8, kv_heads=2, head_dim=64, layers=3).cuda()
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_cuda_speculative_generate_exact_when_topk_covers(speculative):
+    torch._dynamo.reset()
+    model = _bigger(torch.float32)
+    ref = twin(model)
+    ids = torch.randint(2, 128, (2, 300), device="cuda")
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=16, do_sample=False)[:, 300:]
+    specache.compile(model, topk=512, inner="inductor")
+    got = specache.generate(model, ids, 16, speculative=speculative)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_decode_hot_path_has_no_host_sync(speculative, cache):
+    """Decode steps under torch.cuda.set_sync_debug_mode("error"): no .item(), no blocking copy, no sync."""
+    from transformers import DynamicCache, StaticCache
+
+    torch._dynamo.reset()
+    model = _bigger(torch.bfloat16)
+    specache.compile(model, topk=32, inner="inductor")
+    ids = torch.randint(2, 128, (1, 1500), device="cuda")
+
+    def make():
+        return DynamicCache() if cache == "dynamic" else StaticCache(config=model.config, max_cache_len=1600)
+
+    specache.generate(model, ids, 12, speculative=speculative, past_key_values=make())  # compile every graph
+
+    def on_step(i):
+        if i == 2:  # steady state: after the first steps (where Dynamo may still mark shapes dynamic)
+            torch.cuda.set_sync_debug_mode("error")
+
+    try:
+        specache.generate(model, ids, 12, speculative=speculative, past_key_values=make(), on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    st = next(iter(specache.stats(model)["store"].values()))
+    assert st["decode_steps"] == 11
+    if speculative:
+        assert st["prefetch_consumed"] == 11
+
+
+def test_cuda_prefetch_overlaps_and_is_timed():
+    from specache_compile.runtime.streams import FetchTimer
+
+    torch._dynamo.reset()
+    model = _bigger(torch.bfloat16)
+    specache.compile(model, topk=32, inner="inductor", policy_options={"hit_every": 1})
+    ids = torch.randint(2, 128, (2, 2000), device="cuda")
+    specache.generate(model, ids, 8)
+    runtime = specache.runtime_of(model)
+    runtime.streams.timer = FetchTimer()
+    specache.generate(model, ids, 8)
+    f = runtime.streams.timer.summary()
+    runtime.streams.timer = None
+    # 3 layers x 8 prefetches (pre-decoding + 7 steps), each 2 x 2 heads x 32 rows x (K + V) x 64 x 2 bytes
+    assert f["prefetch_count"] == 3 * 8
+    assert f["prefetch_bytes"] == 3 * 8 * 2 * 2 * 32 * 2 * 64 * 2
+    assert "demand_ms" not in f  # speculative steps never fetch on demand
+    st = next(iter(specache.stats(model)["store"].values()))
+    assert 0.0 <= st["prefetch_hit_rate"] <= 1.0
+    side = runtime.streams.side(torch.device("cuda"))
+    assert side is not None and side != torch.cuda.current_stream()
