@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Policy, PrefillView, register_policy, registered
 from .full import FullPolicy
+from .kvcomp import KVCompPolicy  # noqa: F401
 from .specache import SpeCachePolicy
 
 __all__ = ["Policy", "PrefillView", "register_policy", "registered", "FullPolicy", "SpeCachePolicy"]
