@@ -8,6 +8,7 @@ calls kernels (``kernels.ops``); it never sees the graph, and the pass never kno
 from __future__ import annotations
 
 from .base import Policy, PrefillView, register_policy, registered
+from .cake import CakePolicy  # noqa: F401
 from .full import FullPolicy
 from .kvcomp import KVCompPolicy  # noqa: F401
 from .specache import SpeCachePolicy
