@@ -80,8 +80,6 @@ class KVCompPolicy(Policy):
         need = max(1, (ko.n_symbols(min(o["rel_k"], o["rel_v"])) - 1).bit_length())
         if isinstance(v, bool) or not isinstance(v, int) or not need <= v <= 16:
             raise _bad("max_len", v, f"an int in [{need}, 16] (2**max_len >= the alphabet of the smaller rel)")
-        if o["v_block"] * v >= 1 << 16:
-            raise _bad("v_block", o["v_block"], f"v_block * max_len < 65536 (16-bit offsets); max_len is {v}")
         self.rel_k, self.rel_v = float(o["rel_k"]), float(o["rel_v"])
         self.k_block, self.v_block = o["k_block"], o["v_block"]
         self.k_recent, self.v_recent = o["k_recent"], o["v_recent"]
