@@ -123,14 +123,26 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     dev = next(base.parameters()).device
     cuda = dev.type == "cuda"
     ids = torch.randint(3, base.config.vocab_size, (batch, ctx), device=dev)
-    total = args.warmup + args.steps + args.timed_fetch + 1
+    total = args.warmup + args.steps + args.timed_fetch + args.profile_steps + 2
     clock = StepClock(cuda)
     runtime = None
+
+    prof = {}
 
     def on_step(i):
         clock.mark()
         if runtime is not None and i == args.warmup + args.steps:
             runtime.streams.timer = FetchTimer()  # the last timed_fetch steps record fetch spans
+        if cuda and args.profile_steps:
+            # after the fetch-timed steps: a profiler over a few steps gives the GPU busy time per step, i.e. what
+            # CUDA graphs could save at most (step time - GPU busy = host-side launch overhead)
+            start = args.warmup + args.steps + args.timed_fetch
+            if i == start:
+                prof["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof["p"].start()
+            elif i == start + args.profile_steps:
+                torch.cuda.synchronize()
+                prof["p"].stop()
 
     row = {"bench": "decode", "method": method, "context": ctx, "batch": batch}
     if cuda:
@@ -209,6 +221,10 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "row_wall_s": wall,
         "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
     })
+    if "p" in prof:
+        busy_us = sum(e.device_time_total for e in prof["p"].key_averages() if e.device_time_total > 0
+                      and e.key != "ProfilerStep*")
+        row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
     return row
@@ -251,6 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed-fetch", type=int, default=4)
+    ap.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler (GPU busy time)")
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--budget-frac", type=float, default=0.15, help="KV budget of eviction policies (fraction)")
     ap.add_argument("--inner", default="auto", help="specache's inner compiler (auto = inductor on CUDA)")
@@ -283,8 +300,8 @@ def main(argv=None) -> int:
             row.update(env)
             rows.append(row)
             write_rows(args.out, [row])
-            keys = ("step_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate", "exposed_fetch_ms",
-                    "fetch_gbps", "error")
+            keys = ("step_ms", "gpu_busy_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate",
+                    "exposed_fetch_ms", "fetch_gbps", "error")
             print(method, ctx, batch, {k: row.get(k) for k in keys}, flush=True)
             with contextlib.suppress(Exception):
                 gc.collect()

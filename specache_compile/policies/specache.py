@@ -184,7 +184,9 @@ class SpeCachePolicy(Policy):
             logits = logits + bias_rows
         probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : qhi - lo]
         probs = probs.reshape(b, hkv, (hq // hkv) * r, n_cand).mean(dim=2)
-        return ops.topk_positions(probs, self.topk) + c_lo
+        # torch.topk straight: ops.topk_positions' unique-key tie rule costs ~15 more launches per layer per step,
+        # and which of two equally probable rows is fetched does not change the attention (fp_pos takes any order)
+        return torch.topk(probs, self.topk, dim=-1, sorted=False).indices + c_lo
 
     def decode_speculative(self, site, q, k_spec, v_spec, bias, lo, hi, scale):
         # q: [B, Hq, R, D], R-1 real rows then the speculative row; k_spec, v_spec: [B, Hkv, 1, D] at position hi.
