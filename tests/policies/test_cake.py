@@ -393,3 +393,24 @@ def test_pass_small_budget_is_bounded_and_per_layer(llama):
         again, _ = decode_loop(model, ids, mask, STEPS, forced=toks)
     assert model._specache_runtime.policy.layers == 4
     assert max(rel_err(a, g) for a, g in zip(again, got)) == 0.0
+
+
+def test_pass_sliding_window_layers_exact():
+    """Mistral's sliding window (16 < prompt): decode attends store positions [lo, hi) with lo > 0, so the kept
+    prompt rows below lo must be masked; with a budget covering everything the logits stay the model's."""
+    pytest.importorskip("transformers")
+    from hf_models import build, twin
+    from test_hf import padded_batch
+
+    model = build("mistral", "sdpa", sliding_window=16)
+    ref = twin(model)
+    ids, mask = padded_batch(PROMPT)
+    with torch.no_grad():
+        want, toks = decode_loop(ref, ids, mask, STEPS)
+        specache.compile(model, policy="cake", policy_options={"budget": 64, "window": 4})
+        got, _ = decode_loop(model, ids, mask, STEPS, forced=toks)
+    st = specache.stats(model)
+    assert st["rewritten"] == st["found"] == 2
+    assert all(s["cake_kept"] == max(PROMPT) + STEPS for s in st["store"].values())
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= FP32_REL, errs
