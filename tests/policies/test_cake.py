@@ -228,6 +228,24 @@ def test_cascading_equals_one_shot():
         assert torch.equal(kept(s), want)
 
 
+def test_fraction_budget_and_prompt_that_fits():
+    """budget in (0, 1]: C = ceil(budget * S) tokens per layer; a prompt that fits (S <= C) is not evicted at all."""
+    layers = [layer_inputs("dispersed", seed=i) for i in range(3)]
+    step = [layer_inputs("dispersed", s=1, seed=9)] * 3
+    for frac, per_layer in [(0.5, 24), (0.3, 15), (1.0, 48)]:
+        pol = make_policy(budget=frac, window=8, decode_evict=False)
+        sites = [make_site(f"l{i}", 2, 2, 16) for i in range(3)]
+        prefill(pol, sites, layers)
+        decode_step(pol, sites, step)
+        budgets = pol.budgets()
+        if per_layer < 48:
+            assert sum(budgets.values()) == 3 * (per_layer - 8), (frac, budgets)
+            assert all(s.tier["n"] == s.tier["budget"] + 8 + 1 for s in sites)
+        else:  # fits: every prompt token stays, the decode budget is C - S_w
+            assert all(b == 48 - 8 for b in budgets.values())
+            assert all(torch.equal(kept(s), torch.arange(49).expand(2, 2, 49)) for s in sites)
+
+
 @pytest.mark.parametrize("decode_evict", [True, False])
 def test_decode_rule(decode_evict):
     pol = make_policy(budget=16, window=4, decode_evict=decode_evict)
