@@ -10,7 +10,11 @@ from __future__ import annotations
 from .base import Policy, PrefillView, register_policy, registered
 from .cake import CakePolicy  # noqa: F401
 from .full import FullPolicy
+from .kcache import KCachePolicy  # noqa: F401
 from .kvcomp import KVCompPolicy  # noqa: F401
+from .quant import QuantPolicy  # noqa: F401
+from .snapkv import SnapKVPolicy  # noqa: F401
 from .specache import SpeCachePolicy
+from .streaming import StreamingPolicy  # noqa: F401
 
 __all__ = ["Policy", "PrefillView", "register_policy", "registered", "FullPolicy", "SpeCachePolicy"]
