@@ -20,8 +20,8 @@ Options (``Config.policy_options``):
   that fraction of the prompt length, rounded up). Default 2048, the official code's ``max_capacity_prompt``.
 - ``window``: observation window, default 32 (the paper's and the official code's ``window_size``). ``Config.window``
   sets it too when it is not 64 (its default), so the harness' ``snapkv:window=16`` works.
-- ``kernel``: pooling kernel, an odd int >= 1, default 7 (the paper's LongBench setting; kvpress uses 7 with window
-  32 too; the official code's default is 5).
+- ``kernel``: pooling kernel, an odd int >= 1, default 7 (kvpress' SnapKVPress defaults to window 32 with kernel 7;
+  the official code's ``SnapKVCluster`` defaults to 5; the paper's text was not available to check its choice).
 - ``pooling``: ``"avg"`` (default, the official code's and kvpress') or ``"max"``.
 
 Choices the paper leaves open, made here:

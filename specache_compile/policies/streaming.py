@@ -16,13 +16,15 @@ Options (``Config.policy_options``):
   too when it is not 0 (its default), so the harness' ``streaming:sinks=8`` works; ``policy_options={"sinks": 0}``
   gives plain window attention.
 - ``budget``: tokens kept per KV head per layer, sinks included: an int >= 1, or a float in (0, 1] = that fraction
-  of the prompt length (rounded up, at least 1), fixed at the prompt. Default 2048 (the paper's runs keep 4 sinks +
-  2000 recent; 2048 is the cache size SnapKV's code defaults to, so the two compare at the same budget).
+  of the prompt length (rounded up, at least 1), fixed at the prompt. Default 2048 (the official code's
+  run_streaming_llama.py keeps start_size 4 + recent_size 2000; 2048 is also SnapKV's code default
+  ``max_capacity_prompt``, so the two compare at the same budget).
 
 Choices the paper leaves open, made here:
 
 - Positions are the ones the model gave: the cached keys are post-RoPE, so the paper's re-numbering of positions
-  inside the cache (which needs pre-RoPE keys) is not done; this is what kvpress' StreamingLLMPress does too.
+  inside the cache (which needs pre-RoPE keys) is not done. kvpress' StreamingLLMPress keeps the original
+  positions too (its KeyRerotationPress wrapper is what re-rotates).
 - Sinks are clamped to ``budget - 1``, so the current token always has a slot.
 - Prefill attention is exact (every policy's); the eviction applies from the first decode step on.
 - Sliding-window layers (Mistral) and left padding: the model's bias over positions [lo, hi) is gathered at the

@@ -49,11 +49,12 @@ def kept_positions(rt):
     return rt.sites["s"].tier["pos"].view()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @torch.no_grad()
-def test_keeps_the_planted_tokens_per_head_and_batch_row():
+def test_keeps_the_planted_tokens_per_head_and_batch_row(dtype):
     plants = [[[3, 17, 25], [8, 9, 30]], [[0, 22, 31], [5, 14, 35]]]
     rt = Runtime(Config(policy="snapkv", policy_options={"budget": W + 3, "window": W, "kernel": 1}))
-    q, k, v = planted_prompt(plants)
+    q, k, v = (x.to(dtype) for x in planted_prompt(plants))
     helpers.step(rt, q, k, v, L, causal=True)
     pos = kept_positions(rt)
     for b in range(B):
@@ -143,7 +144,8 @@ def test_window_from_config_or_options():
 
 
 def test_covering_budget_matches_unmodified():
-    got, want, _ = helpers.llama_vs_unmodified("snapkv", policy_options={"budget": max(helpers.PROMPT), "window": 4})
+    got, want, _ = helpers.llama_vs_unmodified("snapkv", "mistral",
+                                               policy_options={"budget": max(helpers.PROMPT), "window": 4})
     errs = [rel_err(g, w) for g, w in zip(got, want)]
     assert max(errs) <= FP32_REL, errs
 

@@ -33,6 +33,7 @@ from specache_compile.runtime.runtime import APPEND, Runtime  # noqa: E402
 B, HQ, HKV, D = 2, 4, 2, 16
 SCALE = D**-0.5
 PROMPT, STEPS = (12, 7), 6  # pass level: left-padded prompts of these lengths, then decode steps
+SLIDING = 14  # Mistral's window at pass level: < 12 + 6 tokens, so the last steps attend [lo > 0, hi)
 
 
 @pytest.fixture(autouse=True)
@@ -161,10 +162,11 @@ def test_config_sinks_sets_the_sinks_and_conflicts_are_refused():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def llama_vs_unmodified(policy, **overrides):
+def llama_vs_unmodified(policy, arch="llama", **overrides):
     """Logits of a compiled small Llama (GQA 4/2, head dim 16, 2 layers) and of its unmodified twin over a left-padded
-    batch: the prefill, then STEPS teacher-forced decode steps. Checks every attention was rewritten and decoded."""
-    model = build("llama", "sdpa", kv_heads=2)
+    batch: the prefill, then STEPS teacher-forced decode steps. Checks every attention was rewritten and decoded.
+    arch="mistral": the same with a sliding window of SLIDING tokens, which the last decode steps pass (lo > 0)."""
+    model = build(arch, "sdpa", kv_heads=2, **({"sliding_window": SLIDING} if arch == "mistral" else {}))
     ref = twin(model)
     ids, mask = padded_batch(PROMPT)
     with torch.no_grad():
@@ -211,7 +213,8 @@ def assert_evicted(got, want):
 
 
 def test_covering_budget_matches_unmodified():
-    got, want, st = llama_vs_unmodified("streaming", policy_options={"budget": max(PROMPT) + STEPS})
+    """Mistral's sliding window: the sinks stay kept but must drop out of attention once they leave the window."""
+    got, want, st = llama_vs_unmodified("streaming", "mistral", policy_options={"budget": max(PROMPT) + STEPS})
     errs = [rel_err(g, w) for g, w in zip(got, want)]
     assert max(errs) <= FP32_REL, errs
     assert st["bytes"]["host"] == 0  # uses_store=False: nothing written to the host
