@@ -78,6 +78,12 @@ class Runner:
 
     def generate(self, ids: list[int], n: int) -> list[int]:
         x = torch.tensor([ids], device=self.model.device)
+        if self.config is not None and self.config.speculative:
+            import specache
+
+            if specache.runtime_of(self.model).policy.speculative:
+                # SpeCache as published: pre-decoding, then [real, speculative] steps with prefetch
+                return specache.generate(self.model, x, n)[0].tolist()
         with torch.no_grad():
             out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
         return out[0, len(ids) :].tolist()

@@ -209,8 +209,12 @@ class Runtime:
             if bias is not None and valid < p_hi:
                 bias = bias[..., : valid - p_lo]
             site.stats.decode_steps += n_real
-            return self.policy.decode_speculative(site, q, k_new[:, :, -1:], v_new[:, :, -1:], bias, p_lo,
-                                                  site.length, scale)
+            out = self.policy.decode_speculative(site, q, k_new[:, :, -1:], v_new[:, :, -1:], bias, p_lo,
+                                                 site.length, scale)
+            if self.config.measure_error and n_real:  # the real rows, over the stored tokens (not the speculative)
+                b_real = None if bias is None else bias[..., :n_real, :-1]
+                self._measure(site, q[:, :, :n_real], b_real, p_lo, site.length, scale, out[:, :, :n_real])
+            return out
         if sq > 1:
             # Multi-query calls (prefill, chunked prefill) are exact attention for every policy, through SDPA itself:
             # flash/memory-efficient kernels on CUDA, and the very kernel the original graph called.
