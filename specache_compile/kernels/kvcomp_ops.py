@@ -262,8 +262,12 @@ class RowPayload:
         return b * h * n * d * torch.empty((), dtype=self.dtype).element_size() / max(self.nbytes, 1)
 
 
-def compress_rows(x: torch.Tensor, rel: float = 0.1, max_len: int = 12, book: Codebook | None = None) -> RowPayload:
-    """x: [B, H, N, D] -> a RowPayload (codebook built from x's quant ints unless ``book`` is given)."""
+def compress_rows(x: torch.Tensor, rel: float = 0.1, max_len: int = 10, book: Codebook | None = None,
+                  word0: int = 0) -> RowPayload:
+    """x: [B, H, N, D] -> a RowPayload (codebook built from x's quant ints unless ``book`` is given; pass the
+    codebook of earlier rows to append: symbols it never saw still encode). ``word0``: words already in the stream
+    these rows will follow (base offsets count from the stream's start), for a caller that keeps the stream in a
+    growing buffer; :func:`append_rows` does it for a payload."""
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"compress_rows: expected a float tensor [B, H, N, D], got {tuple(x.shape)} {x.dtype}; "
                          "fix: pass one K or V tensor of a store")
@@ -274,9 +278,24 @@ def compress_rows(x: torch.Tensor, rel: float = 0.1, max_len: int = 12, book: Co
     if book is None:
         book = build_codebook(q, n_symbols(rel), max_len)
     qp = torch.nn.functional.pad(q, (0, 0, 0, npad - n)) if npad != n else q
-    words, base, rel16 = encode_vectors(qp.reshape(-1, d), book, g)
+    words, base, rel16 = encode_vectors(qp.reshape(-1, d), book, g, word0)
     return RowPayload(words, base.view(b, h, npad // g), rel16.view(b, h, npad), scale[..., 0].contiguous(),
                       min_int[..., 0].contiguous(), book, g, (b, h, n, d), x.dtype)
+
+
+def append_rows(p: RowPayload, x: torch.Tensor, rel: float = 0.1) -> RowPayload:
+    """p's rows followed by x [B, H, Nn, D] (encoded with p's codebook, quantized with ``rel``): a new payload.
+    Copies p's tensors (torch.cat); a store that grows should keep them in Growables and call compress_rows with
+    ``book`` and ``word0``."""
+    b, h, n, d = p.shape
+    if n % p.group or tuple(x.shape[:2]) != (b, h) or x.shape[3] != d:
+        raise ValueError(f"append_rows: expected a payload of whole offset groups (N % {p.group} == 0) and x "
+                         f"[{b}, {h}, Nn, {d}], got N={n} and x {tuple(x.shape)}; fix: append in multiples of "
+                         f"{p.group} rows (the last, partial append may be any size)")
+    new = compress_rows(x, rel, p.book.max_len, p.book, p.words.numel())
+    return RowPayload(torch.cat([p.words, new.words]), torch.cat([p.base, new.base], 2),
+                      torch.cat([p.rel, new.rel], 2), torch.cat([p.scale, new.scale], 2),
+                      torch.cat([p.min_int, new.min_int], 2), p.book, p.group, (b, h, n + x.shape[2], d), p.dtype)
 
 
 def gather_decompress_reference(p: RowPayload, idx: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from ..runtime.buffers import Growable
 from .base import Policy, register_policy
 
 _DEFAULTS = {"rel_k": 0.05, "rel_v": 0.1, "k_block": 64, "v_block": 128, "k_recent": 128, "v_recent": 256,
-             "max_len": 12}
+             "max_len": 10}
 _COMPRESSED = ("k_words", "k_base", "k_rel", "k_scale", "k_min", "k_lut", "k_code", "k_len",
                "v_words", "v_base", "v_rel", "v_scale", "v_min", "v_lut", "v_code", "v_len")
 

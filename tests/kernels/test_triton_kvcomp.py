@@ -116,6 +116,11 @@ def test_compress_rows_reference_gather():
             assert torch.equal(got[:, :, j], want[:, :, i])
         else:
             assert (got[:, :, j] == 0).all()
+    # appended rows (the first payload's codebook) decompress like rows compressed at once
+    p2 = ko.append_rows(ko.compress_rows(x[:, :, :32], rel=0.1), x[:, :, 32:], rel=0.1)
+    assert torch.equal(ko.gather_decompress(p2, idx), got)
+    with pytest.raises(ValueError, match="whole offset groups"):
+        ko.append_rows(p2, x)
     # bf16 rows at rel 0.1 (at 512 tokens: the 8 KiB decode table is small next to the data)
     assert ko.compress_rows(_kv(1, 8, 512, 128, _gen(5)).to(torch.bfloat16), rel=0.1).compression_ratio() > 3.0
 
@@ -143,7 +148,7 @@ def _keys_case(b, hkv, rep, sq, d, n, kb, dt, seed, max_len=12, rel=0.05):
     return args, k64
 
 
-def _values_case(b, hkv, rep, sq, dv, nvb, vb, dt, seed, max_len=12, rel=0.1):
+def _values_case(b, hkv, rep, sq, dv, nvb, vb, dt, seed, max_len=10, rel=0.1):
     g = _gen(seed)
     dtype = DT[dt]
     n = nvb * vb
@@ -241,7 +246,7 @@ def _run_interpreted(path: str) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     path = tmp_path_factory.mktemp("interpreted_kvcomp") / "out.pt"
-    code = "import sys; sys.path[:0] = [sys.argv[2]]; import test_kvcomp as t; t._run_interpreted(sys.argv[1])"
+    code = "import sys; sys.path[:0] = [sys.argv[2]]; import test_triton_kvcomp as t; t._run_interpreted(sys.argv[1])"
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEBUG": "0", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent)], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -132,7 +132,7 @@ def test_bad_options_raise(opts, field):
 
 def test_describe():
     d = make_policy(rel_k=0.02).describe()
-    assert d["policy"] == "kvcomp" and d["rel_k"] == 0.02 and d["rel_v"] == 0.1 and d["max_len"] == 12
+    assert d["policy"] == "kvcomp" and d["rel_k"] == 0.02 and d["rel_v"] == 0.1 and d["max_len"] == 10
 
 
 # -- the whole pass on a transformers Llama ---------------------------------------------------------------------------
