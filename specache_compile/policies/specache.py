@@ -20,6 +20,13 @@ Choices the paper leaves open, made here: the top-k candidates exclude sinks and
 precision); the softmax that ranks candidates runs over all attended columns, window included, so the averaged
 probabilities of a GQA group are comparable across heads (the port averages probabilities too).
 ``lowbit_remainder=False`` drops the non-fetched tokens instead of attending to their low-bit copy.
+
+Composition with CAKE (Qin et al., ICLR 2025; policies/cake.py), ``policy_options={"layer_budgets": "cake"}``: the
+per-layer top-k is not ``topk`` everywhere but CAKE's allocation of the same total ``topk x L`` in proportion to each
+layer's preference P_l = H_l^(1/tau1) V_l^(1/tau2), computed at prefill from the attention of the last
+``cake_window`` queries (entropy H: spatial dispersion; variance V: temporal shift). A layer whose attention is
+spread out gets more full-precision rows, a layer with one sharp peak fewer. Nothing is evicted: the low-bit copy
+still covers every token.
 """
 
 from __future__ import annotations
@@ -50,8 +57,60 @@ class SpeCachePolicy(Policy):
         if isinstance(self.hit_every, bool) or not isinstance(self.hit_every, int) or self.hit_every < 0:
             raise ValueError(f"specache policy: policy_options['hit_every'] expected an int >= 0 (0: never sample "
                              f"prefetch hits), got {self.hit_every!r}")
+        # Composition with CAKE: per-layer top-k from CAKE's layer preferences (see the module docstring)
+        self.layer_budgets = opts.pop("layer_budgets", None)
+        if self.layer_budgets not in (None, "cake"):
+            raise ValueError(f"specache policy: policy_options['layer_budgets'] expected None or 'cake', got "
+                             f"{self.layer_budgets!r}; fix: layer_budgets='cake' or leave it out")
+        cake_keys = ("cake_window", "tau1", "tau2")
+        self.cake = {"cake_window": 32, "tau1": 1.0, "tau2": 1.0}
+        for key in cake_keys:
+            if key in opts:
+                value = opts.pop(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ValueError(f"specache policy: policy_options[{key!r}] expected a number > 0, got {value!r}")
+                self.cake[key] = value
         if opts:
-            raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of ['hit_every']")
+            raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of "
+                             f"{['hit_every', 'layer_budgets', *cake_keys]}")
+        self._prefs: dict[str, float] = {}  # site -> CAKE preference of its last prefill
+        self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step
+        self._cands: dict[str, int] = {}  # site -> candidate tokens after its prefill (the cap of its top-k)
+
+    # -- per-layer top-k (composition with CAKE) ------------------------------------------------------------------
+    def prefill(self, site, view):
+        if self.layer_budgets != "cake":
+            return
+        from . import cake
+
+        w = int(self.cake["cake_window"])
+        probs = cake.window_attention(view.q, view.k, view.scale, view.bias(w), w)
+        # NOTE: one host sync per layer per prefill (the preference is a scalar the allocation needs on the host)
+        self._prefs[site.name] = float(cake.layer_preference(probs, self.cake["tau1"], self.cake["tau2"]))
+        self._cands[site.name] = max(0, view.hi - self.window - self.sinks)
+        self._topk = None  # re-allocated at the next decode step, once every layer has its preference
+
+    def topk_of(self, site) -> int:
+        """This site's top-k: Config.topk, or with layer_budgets='cake' its share of topk x layers, in proportion to
+        CAKE's preference P_l = H_l^(1/tau1) V_l^(1/tau2) (CAKE Eq. budget, capped at the layer's candidates)."""
+        if self.layer_budgets != "cake":
+            return self.topk
+        if self._topk is None:
+            from . import cake
+
+            names = list(self._prefs)
+            caps = [max(1, self._cands.get(n, 1 << 30)) for n in names]
+            budgets = cake.allocate_budgets([self._prefs[n] for n in names], self.topk * len(names), caps)
+            self._topk = dict(zip(names, budgets))
+        k = max(1, self._topk.get(site.name, self.topk))
+        pf = site.tier["prefetch"]
+        if pf.rows < k:  # first decode step of a larger budget: grow this layer's slots once
+            pf.cancel()
+            new = Prefetch.allocate(site.streams, site.batch, site.heads, k, site.head_dim, site.v_head_dim,
+                                    site.dtype, site.device)
+            site.tier["prefetch"] = new
+            site.tier["fetch_k"], site.tier["fetch_v"] = new.slots_k, new.slots_v
+        return k
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
@@ -144,7 +203,8 @@ class SpeCachePolicy(Policy):
         low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
         c_lo = max(lo, min(self.sinks, qhi))  # top-k candidates: [c_lo, qhi), outside sinks and window
         n_cand = qhi - c_lo
-        if n_cand <= self.topk:
+        topk = self.topk_of(site)
+        if n_cand <= topk:
             # topk covers every candidate: fetch them all, the attention is exact.
             idx = torch.arange(c_lo, qhi, device=q.device).expand(b, hkv, n_cand)
         else:
@@ -156,7 +216,7 @@ class SpeCachePolicy(Policy):
             probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : qhi - lo]  # [B, Hq, Sq, n_cand]
             # GQA: mean over the query heads of a group (and over the query rows of a step)
             probs = probs.reshape(b, hkv, (hq // hkv) * sq, n_cand).mean(dim=2)
-            idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions, ascending
+            idx = ops.topk_positions(probs, topk) + c_lo  # [B, Hkv, k] absolute positions, ascending
         with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
             k_f, v_f = site.fetch(idx, *t["prefetch"].free_slot())
         # Full-precision columns in ascending position order: sinks < fetched (>= c_lo) < window (>= nq).
@@ -186,7 +246,7 @@ class SpeCachePolicy(Policy):
         probs = probs.reshape(b, hkv, (hq // hkv) * r, n_cand).mean(dim=2)
         # torch.topk straight: ops.topk_positions' unique-key tie rule costs ~15 more launches per layer per step,
         # and which of two equally probable rows is fetched does not change the attention (fp_pos takes any order)
-        return torch.topk(probs, self.topk, dim=-1, sorted=False).indices + c_lo
+        return torch.topk(probs, self.topk_of(site), dim=-1, sorted=False).indices + c_lo
 
     def decode_speculative(self, site, q, k_spec, v_spec, bias, lo, hi, scale):
         # q: [B, Hq, R, D], R-1 real rows then the speculative row; k_spec, v_spec: [B, Hkv, 1, D] at position hi.
@@ -210,7 +270,7 @@ class SpeCachePolicy(Policy):
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
         sinks = c_lo > lo
-        if n_cand <= self.topk:
+        if n_cand <= self.topk_of(site):
             # every candidate fits: fetch them all now (exact attention); nothing to predict
             idx = torch.arange(c_lo, qhi, device=dev).expand(b, hkv, n_cand)
             with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
@@ -246,10 +306,11 @@ class SpeCachePolicy(Policy):
         pf = t.get("prefetch")
         if pf is None:
             return {}
+        extra = {"topk": self.topk_of(site)} if self.layer_budgets == "cake" and site.name in self._prefs else {}
         total = int(t["hit_total"])  # reporting only: syncs
         return {"prefetch_issued": pf.stats.issued, "prefetch_consumed": pf.stats.consumed,
                 "prefetch_dropped": pf.stats.dropped, "prefetch_hits": int(t["hits"]), "prefetch_sampled": total,
-                "prefetch_hit_rate": (int(t["hits"]) / total) if total else None}
+                "prefetch_hit_rate": (int(t["hits"]) / total) if total else None, **extra}
 
     def _decode_dropping(self, site, q, bias, lo, hi, scale):
         """lowbit_remainder=False: attention over sinks ∪ top-k ∪ window only (the low-bit copy only ranks)."""
@@ -268,9 +329,10 @@ class SpeCachePolicy(Policy):
         # Rank candidates [c_lo, qhi): low-bit scores, softmax over every attended column.
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
+        topk = self.topk_of(site)
         k_cols = torch.cat([k_low, k_win], dim=2)
         v_cols = torch.cat([v_low, v_win], dim=2)
-        if n_cand <= self.topk:
+        if n_cand <= topk:
             # topk covers every candidate: fetch them all, the attention is exact.
             idx = torch.arange(c_lo, qhi, device=q.device).expand(b, hkv, n_cand)
         else:
@@ -279,7 +341,7 @@ class SpeCachePolicy(Policy):
                 logits = logits + bias
             probs = torch.softmax(logits, dim=-1)[..., c_lo - lo : n_cand + c_lo - lo]  # [B, Hq, 1, n_cand]
             probs = probs.reshape(b, hkv, hq // hkv, n_cand).mean(dim=2)  # GQA: mean over the group
-            idx = ops.topk_positions(probs, self.topk) + c_lo  # [B, Hkv, k] absolute positions
+            idx = ops.topk_positions(probs, topk) + c_lo  # [B, Hkv, k] absolute positions
         with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
             k_f, v_f = site.fetch(idx, *t["prefetch"].free_slot())
         rel = (idx - lo).unsqueeze(-1)
@@ -288,7 +350,7 @@ class SpeCachePolicy(Policy):
         if c_lo > lo:  # sinks, full precision from the device
             k_cols[:, :, : c_lo - lo] = t["sink_k"].view(lo, c_lo)
             v_cols[:, :, : c_lo - lo] = t["sink_v"].view(lo, c_lo)
-        if n_cand > self.topk:
+        if n_cand > topk:
             keep = torch.zeros(b, hkv, hi - lo, dtype=torch.bool, device=q.device)
             keep[:, :, : c_lo - lo] = True
             keep[:, :, qhi - lo :] = True
