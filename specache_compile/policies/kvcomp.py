@@ -108,6 +108,12 @@ class KVCompPolicy(Policy):
         t["v_min"] = Growable((b,), (), torch.int32, dev)
         t["k_rec"] = Growable((b, h), (d,), site.dtype, dev, capacity=min(self.k_recent + self.k_block, 1024))
         t["v_rec"] = Growable((b, h), (dv,), site.dtype, dev, capacity=min(self.v_recent + self.v_block, 1024))
+        if site.capacity:  # max_seq_len or specache.generate's hint: the metadata is allocated once
+            cap = site.capacity
+            for name, n in (("k_base", cap // t["gk"]), ("k_rel", cap), ("k_scale", cap // self.k_block),
+                            ("k_min", cap // self.k_block), ("v_base", cap // self.v_block),
+                            ("v_rel", cap // self.v_block), ("v_scale", cap), ("v_min", cap)):
+                t[name].reserve(n)
 
     @staticmethod
     def _book(t, kind: str, max_len: int) -> ko.Codebook:

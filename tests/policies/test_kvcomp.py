@@ -37,9 +37,9 @@ def make_policy(**opts) -> KVCompPolicy:
     return KVCompPolicy(Config(policy="kvcomp", policy_options=opts))
 
 
-def make_site(b, hkv, d, dtype=torch.float32) -> Site:
+def make_site(b, hkv, d, dtype=torch.float32, capacity=0) -> Site:
     cpu = torch.device("cpu")
-    return Site("l0", b, hkv, d, d, dtype, cpu, cpu, pin=False, keep_full=False)
+    return Site("l0", b, hkv, d, d, dtype, cpu, cpu, pin=False, capacity=capacity, keep_full=False)
 
 
 # -- the decode rule, through fake sites ------------------------------------------------------------------------------
@@ -104,8 +104,9 @@ def test_decode_bf16_multi_query_rows():
     # Sq = 2 query rows, bf16 KV (recent buffers kept in bf16), batch 2, GQA 4
     g = torch.Generator().manual_seed(5)
     b, hkv, rep, d, n = 2, 2, 4, 64, 300
-    pol, site = make_policy(), make_site(b, hkv, d, torch.bfloat16)
+    pol, site = make_policy(), make_site(b, hkv, d, torch.bfloat16, capacity=512)  # metadata reserved up front
     pol.reset(site)
+    assert site.tier["k_rel"].data.shape[2] == 512 and site.tier["v_scale"].data.shape[1] == 512
     k = torch.randn(b, hkv, n, d, generator=g).bfloat16()
     v = torch.randn(b, hkv, n, d, generator=g).bfloat16()
     pol.append(site, k, v, 0)
@@ -138,10 +139,12 @@ def test_describe():
 # -- the whole pass on a transformers Llama ---------------------------------------------------------------------------
 
 
-def decode_loop(model, ids, steps, forced=None):
-    from transformers import DynamicCache
+def decode_loop(model, ids, steps, forced=None, static=False):
+    from transformers import DynamicCache, StaticCache
 
-    out = model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    cache = (StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 8) if static
+             else DynamicCache(config=model.config))
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     logits, toks = [out.logits[:, -1].float()], []
     for i in range(steps):
         tok = forced[i] if forced is not None else out.logits[:, -1].argmax(-1, keepdim=True)
@@ -166,16 +169,16 @@ def _ids(b, n, seed=0):
     return torch.randint(2, 128, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _run(llama, steps, n, heads=4, kv_heads=2, **kw):
+def _run(llama, steps, n, heads=4, kv_heads=2, static=False, **kw):
     from hf_models import twin
 
     model = llama(heads, kv_heads)
     ref = twin(model)
     ids = _ids(2, n)
     with torch.no_grad():
-        want, toks = decode_loop(ref, ids, steps)
+        want, toks = decode_loop(ref, ids, steps, static=static)
         specache.compile(model, policy="kvcomp", **kw)
-        got, _ = decode_loop(model, ids, steps, forced=toks)
+        got, _ = decode_loop(model, ids, steps, forced=toks, static=static)
     st = specache.stats(model)
     assert st["found"] > 0 and st["rewritten"] == st["found"], st["sites"]
     assert all(s["decode_steps"] >= steps for s in st["store"].values()), st["store"]
@@ -183,8 +186,9 @@ def _run(llama, steps, n, heads=4, kv_heads=2, **kw):
 
 
 def test_compression_off_matches_unmodified(llama):
-    # recent buffers longer than the sequence: nothing is compressed, attention is exact
-    _, err, st = _run(llama, 8, 40, policy_options={"k_recent": 4096, "v_recent": 4096})
+    # recent buffers longer than the sequence: nothing is compressed, attention is exact (StaticCache: the pass's
+    # INDEX mode, the attention reads a fixed-size buffer that the runtime clips to the written length)
+    _, err, st = _run(llama, 8, 40, static=True, policy_options={"k_recent": 4096, "v_recent": 4096})
     assert err <= FP32_REL
     assert all(s["compressed_tokens_k"] == 0 for s in st["store"].values())
 
