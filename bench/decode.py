@@ -158,7 +158,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             from transformers import StaticCache
 
             m = compiled.setdefault("full", shared_copy(base))
-            fwd = compiled.setdefault("full_fwd", torch.compile(m.forward))
+            # dynamic=True: one graph for every cache length (a static-shape graph per context costs a compile each)
+            fwd = compiled.setdefault("full_fwd", torch.compile(m.forward, dynamic=True))
             cache = StaticCache(config=m.config, max_cache_len=ctx + total + 1)
             greedy(m.forward, fwd, ids, cache, total, args.prefill_chunk, on_step)
             kv_dev = cache_bytes(cache, dev.type)
@@ -278,6 +279,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # every method's graphs of one model share code objects: room for all of them (the limit is per code object)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     base = build(args.tiny, device, args.layers)
     shapes = [(c, b) for b in args.batches for c in args.contexts]
     for e in args.extra:

@@ -51,7 +51,7 @@ class PrefillView:
         rows = min(rows, sq)
         out = None
         if self.mask is not None:
-            m = self.mask[..., sq - rows :, :ncols]
+            m = self.mask[..., sq - rows :, :ncols] if self.mask.shape[-2] > 1 else self.mask[..., :ncols]
             if m.dtype == torch.bool:
                 out = torch.zeros(m.shape, dtype=torch.float32, device=dev).masked_fill_(~m, float("-inf"))
             else:

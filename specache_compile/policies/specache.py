@@ -79,7 +79,7 @@ class SpeCachePolicy(Policy):
 
     # -- per-layer top-k (composition with CAKE) ------------------------------------------------------------------
     def prefill(self, site, view):
-        if self.layer_budgets != "cake":
+        if getattr(self, "layer_budgets", None) != "cake":  # (subclasses such as quant skip SpeCache's __init__)
             return
         from . import cake
 
@@ -93,7 +93,7 @@ class SpeCachePolicy(Policy):
     def topk_of(self, site) -> int:
         """This site's top-k: Config.topk, or with layer_budgets='cake' its share of topk x layers, in proportion to
         CAKE's preference P_l = H_l^(1/tau1) V_l^(1/tau2) (CAKE Eq. budget, capped at the layer's candidates)."""
-        if self.layer_budgets != "cake":
+        if getattr(self, "layer_budgets", None) != "cake":
             return self.topk
         if self._topk is None:
             from . import cake
