@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -184,11 +185,13 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                 opts = {}
                 if name not in ("specache", "full", "quant", "kvcomp", "kcache"):
                     opts = {"policy_options": {"budget": args.budget_frac}}
+                if method == "specache-cake":  # the composition: CAKE's budgets decide the per-layer top-k
+                    opts = {"policy_options": {"layer_budgets": "cake"}}
                 specache.compile(m, policy=name, inner=args.inner, **opts)
                 compiled[key] = m
             m = compiled[key]
             runtime = specache.runtime_of(m) if hasattr(m, "_specache_runtime") else None
-            spec = method == "specache"
+            spec = method in ("specache", "specache-cake")
             specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step)
             runtime = specache.runtime_of(m)
             mem = specache.memory(m)
@@ -265,6 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--extra", nargs="*", default=[], metavar="CTXxBATCH",
                     help="extra (context, batch) rows, e.g. 65536x8 (where full runs out of memory)")
+    ap.add_argument("--extra-methods", nargs="*", default=["full", "specache"],
+                    help="the methods that run the --extra rows")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed-fetch", type=int, default=4)
@@ -284,15 +289,16 @@ def main(argv=None) -> int:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     base = build(args.tiny, device, args.layers)
     shapes = [(c, b) for b in args.batches for c in args.contexts]
+    extra = []
     for e in args.extra:
         c, _, b = e.partition("x")
-        shapes.append((int(c), int(b)))
+        extra.append((int(c), int(b)))
     env = env_fields()
     rows = []
     for method in args.methods:
         torch._dynamo.reset()  # each method compiles afresh (recompile limits are per code object, process-wide)
         compiled: dict = {}
-        for ctx, batch in shapes:
+        for ctx, batch in shapes + (extra if method in args.extra_methods else []):
             try:
                 row = run_row(method, base, ctx, batch, args, compiled)
             except torch.cuda.OutOfMemoryError as e:
@@ -313,7 +319,10 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
         compiled.clear()
     if not args.no_plot:
-        plot(rows, RESULTS / Path(args.out).with_suffix(".png").name)
+        name = Path(args.out).with_suffix(".png").name
+        plot(rows, RESULTS / name)
+        if os.environ.get("OUT"):
+            plot(rows, Path(os.environ["OUT"]) / name)
     return 0
 
 
