@@ -180,6 +180,9 @@ class KVCompPolicy(Policy):
         b, hq, sq, _ = q.shape
         hkv = site.heads
         rep = hq // hkv
+        dv = site.v_head_dim
+        if hi <= lo:  # nothing attended: zeros, as reference.sparse_attention
+            return q.new_zeros((b, hq, sq, dv))
         parts = []
         if min(nk, hi) > lo:  # compressed keys [lo, min(nk, hi))
             s = ko.kvcomp_scores(q, t["k_words"].view(), t["k_base"].view(), t["k_rel"].view(), t["k_scale"].view(),
@@ -191,8 +194,11 @@ class KVCompPolicy(Policy):
         logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # [B, Hq, Sq, hi - lo] fp32
         if bias is not None:
             logits = logits + bias
-        p = torch.softmax(logits, dim=-1)
-        dv = site.v_head_dim
+        # softmax that gives a fully masked row zeros instead of NaN (as reference.sparse_attention)
+        m = logits.amax(dim=-1, keepdim=True)
+        e = torch.exp(logits - torch.where(torch.isinf(m), 0.0, m))
+        total = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(total > 0, total, 1.0)
         out = torch.zeros((b, hq, sq, dv), dtype=torch.float32, device=q.device)
         c_hi = min(nv, hi)
         if c_hi > lo:  # compressed values [lo, c_hi): the kernel takes weights for all nv tokens

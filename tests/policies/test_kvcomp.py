@@ -98,6 +98,12 @@ def test_decode_matches_oracle(rep, d):
         assert norm_err(got, want) <= 1e-5
     st = compression_stats(site)
     assert st["compression_ratio"] > 1.0 and compression_ratio(site) == st["compression_ratio"]
+    # a fully masked row and an empty range give zeros (as reference.sparse_attention), not NaN
+    bias = torch.zeros(b, 1, 1, hi)
+    bias[1] = float("-inf")
+    out = pol.decode(site, q, bias, 0, hi, scale)
+    assert (out[1] == 0).all() and torch.isfinite(out).all()
+    assert (pol.decode(site, q, None, hi, hi, scale) == 0).all()
 
 
 def test_decode_bf16_multi_query_rows():
