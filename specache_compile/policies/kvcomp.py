@@ -19,8 +19,12 @@ paper's kernels): ``kvcomp_scores`` decodes the keys and takes q·k̂ for all qu
 softmax over the compressed scores and the recent keys' scores (with the model's mask); ``kvcomp_pv`` decodes the
 values and takes p·v̂, plus p·V over the recent values.
 
-Choices the paper leaves open, made here: one codebook per layer and K/V (the digest lists its granularity as
-unconfirmed; per layer adapts to each layer's histogram for 2 x 8 KiB of tables a layer); the codebook covers the whole
+Checked against the official code (BoJiang03/kvcomp @ 2d18a51, ``kvcomp_cuda_extension/scripts/kv_com_ctx.py``): one
+codebook per ``KVComCtx``, i.e. per layer and K/V, built at its first ``store``; K quantized over [64 tokens, batch,
+heads, head_dim] and V over [batch, heads, head_dim] per token (we keep batch elements apart: B > 1); its CUDA context
+keeps no fp16 buffer (K_BUFFER_SIZE = V_BUFFER_SIZE = 0), its accuracy simulation 128 / 256 (our defaults; 0 works).
+
+Choices the paper leaves open, made here: the codebook covers the whole
 alphabet floor(1/rel) + 2 (counts + 1), so later blocks never need an escape; codes are limited to ``max_len`` bits so
 a value decodes with one table lookup instead of the paper's bit-serial tree walk; offsets are one int32 word offset
 per group of up to 32 vectors plus a 16-bit bit offset per vector (the paper: uint32 per 64-vector block, uint16 per
