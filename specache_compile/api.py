@@ -37,6 +37,12 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
             "twice); fix: compile the original module once, or call specache.reset(model) to clear its KV store"
         )
     config = with_overrides(config, overrides)
+    # Every model compiled in a process adds graphs (prefill, decode, speculative steps) to the same transformers code
+    # objects, and Dynamo's recompile limit is per code object: past it, the model would run without specache's
+    # graph, over its placeholder cache. Room for a few dozen models (specache.generate refuses if it still happens).
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = max(dyn.recompile_limit, 256)
+    dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
     runtime = rt.Runtime(config)
     runtime.adopt(list(model.parameters()))
     setattr(model, _ATTR, runtime)

@@ -109,13 +109,15 @@ def generate(
         pass
     logits = None
     chunk = prefill_chunk or s
-    for a in range(0, s, chunk):
+    if runtime is not None and not runtime.policy.uses_store:
+        chunk = s  # one call: this policy keeps no full KV for a later chunk to attend to
+    a = 0
+    while a < s:
         e = min(s, a + chunk)
         logits = call(input_ids[:, a:e], mask[:, :e], a)
         if runtime is None:
             runtime = seen[0] = runtime_of(model)
-            if a == 0 and chunk < s and not runtime.policy.uses_store:
-                chunk = s - e  # the rest in one call: this policy keeps no full KV for later chunks to attend to
+        a = e
     if speculative is None:
         speculative = runtime.config.speculative
     speculative = speculative and runtime.policy.speculative
