@@ -317,6 +317,8 @@ def main(argv=None) -> int:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+                    # the pinned host blocks of the last row's store go back to the OS (the next row may need more)
+                    getattr(torch._C, "_host_emptyCache", lambda: None)()
         compiled.clear()
     if not args.no_plot:
         name = Path(args.out).with_suffix(".png").name
