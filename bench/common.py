@@ -16,6 +16,9 @@ RESULTS = REPO / "bench" / "results"
 
 
 def git_sha() -> str:
+    # the device machine's copy of the tree can carry a stale .git: the sha the caller exports wins
+    if os.environ.get("SPECACHE_GIT_SHA"):
+        return os.environ["SPECACHE_GIT_SHA"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip()
     except Exception:  # the device machine gets a copy of the tree without .git history sometimes
