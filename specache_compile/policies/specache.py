@@ -21,6 +21,9 @@ precision); the softmax that ranks candidates runs over all attended columns, wi
 probabilities of a GQA group are comparable across heads (the port averages probabilities too).
 ``lowbit_remainder=False`` drops the non-fetched tokens instead of attending to their low-bit copy.
 
+Composition with KVComp (Jiang et al. 2025), ``policy_options={"host_codec": "kvcomp", "host_rel": 0.02}``: the host
+copy is stored KVComp-coded (runtime/host_codec.py): smaller host memory, fetched rows within rel/2 of each row's range.
+
 Composition with CAKE (Qin et al., ICLR 2025; policies/cake.py), ``policy_options={"layer_budgets": "cake"}``: the
 per-layer top-k is not ``topk`` everywhere but CAKE's allocation of the same total ``topk x L`` in proportion to each
 layer's preference P_l = H_l^(1/tau1) V_l^(1/tau2), computed at prefill from the attention of the last
@@ -62,6 +65,14 @@ class SpeCachePolicy(Policy):
         if self.layer_budgets not in (None, "cake"):
             raise ValueError(f"specache policy: policy_options['layer_budgets'] expected None or 'cake', got "
                              f"{self.layer_budgets!r}; fix: layer_budgets='cake' or leave it out")
+        # Composition with KVComp: the host copy stored with KVComp's codec (runtime/host_codec.py)
+        self.host_codec = opts.pop("host_codec", None)
+        self.host_rel = opts.pop("host_rel", 0.02)
+        if self.host_codec not in (None, "kvcomp"):
+            raise ValueError(f"specache policy: policy_options['host_codec'] expected None or 'kvcomp', got "
+                             f"{self.host_codec!r}; fix: host_codec='kvcomp' or leave it out")
+        if self.host_codec is not None:
+            self.new_host_codec()  # validates host_rel now, not at the first prefill
         cake_keys = ("cake_window", "tau1", "tau2")
         self.cake = {"cake_window": 32, "tau1": 1.0, "tau2": 1.0}
         for key in cake_keys:
@@ -72,10 +83,15 @@ class SpeCachePolicy(Policy):
                 self.cake[key] = value
         if opts:
             raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of "
-                             f"{['hit_every', 'layer_budgets', *cake_keys]}")
+                             f"{['hit_every', 'layer_budgets', 'host_codec', 'host_rel', *cake_keys]}")
         self._prefs: dict[str, float] = {}  # site -> CAKE preference of its last prefill
         self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step
         self._cands: dict[str, int] = {}  # site -> candidate tokens after its prefill (the cap of its top-k)
+
+    def new_host_codec(self):
+        from ..runtime.host_codec import KVCompHostStore
+
+        return KVCompHostStore(rel=self.host_rel)
 
     # -- per-layer top-k (composition with CAKE) ------------------------------------------------------------------
     def prefill(self, site, view):

@@ -222,7 +222,7 @@ class Runtime:
             p_hi = min(p_hi, site.length)  # INDEX mode: columns past the written length are never read
             if (p_lo, p_hi) == (start, start + sn):  # the attended tokens are exactly the new ones: no round trip
                 k, v = k_new, v_new
-            elif not site.keep_full:
+            elif not site.keep_full and site.codec is None:
                 raise CacheMismatch(
                     f"specache: site {site_name}: policy {self.policy.name!r} keeps no full-precision KV, so a "
                     f"multi-token call over earlier tokens (positions [{p_lo}, {p_hi}), new [{start}, {start + sn})) "
@@ -306,11 +306,14 @@ class Runtime:
                 pin=home_host and k_new.device.type == "cuda",
                 home=self.config.kv_home.value,
                 capacity=max(self.config.max_seq_len or 0, self.capacity_hint),
-                keep_full=self.policy.uses_store or self.config.measure_error,
+                keep_full=(self.policy.uses_store and getattr(self.policy, "host_codec", None) is None)
+                or self.config.measure_error,
                 streams=self.streams,
             )
             self.sites[name] = site
         site.truncate(0)
+        if getattr(self.policy, "host_codec", None) is not None:
+            site.codec = self.policy.new_host_codec()  # a fresh compressed host store per sequence
         site.capacity = max(site.capacity, self.capacity_hint)
         if self.capacity_hint and site.keep_full:
             site.k.reserve(self.capacity_hint)

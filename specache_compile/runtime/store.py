@@ -43,6 +43,9 @@ class Site:
     capacity: int = 0
     keep_full: bool = True  # False: the policy never reads the full KV back (Policy.uses_store), nothing is stored
     streams: Streams = field(default_factory=Streams)  # the runtime's stream manager: side streams for prefetches
+    # KVComp-coded host rows instead of the Growables (runtime/host_codec.py); the Growables then hold an exact copy
+    # only when Config.measure_error needs one (not counted in tier_bytes)
+    codec: Any = None
     tier: dict[str, Any] = field(default_factory=dict)
     stats: SiteStats = field(default_factory=SiteStats)
 
@@ -66,6 +69,8 @@ class Site:
 
     def write(self, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         # NOTE: a synchronous device->host copy. The stream manager (runtime/streams.py) moves it to a side stream.
+        if self.codec is not None:
+            self.codec.write(start, k_new, v_new)
         if self.keep_full:
             self.k.write(start, k_new)
             self.v.write(start, v_new)
@@ -77,7 +82,7 @@ class Site:
         self._length = min(self._length, n)
 
     def _need_full(self) -> None:
-        if not self.keep_full:
+        if not self.keep_full and self.codec is None:
             raise RuntimeError(
                 f"specache: site {self.name}: the policy declared uses_store=False but read the full-precision store"
             )
@@ -85,6 +90,10 @@ class Site:
     def fetch_range(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K, V of positions [lo, hi) on the model's device: [B, Hkv, hi-lo, D]."""
         self._need_full()
+        if self.codec is not None:
+            k, v = self.codec.fetch_range(lo, hi, self.dtype, self.device, self.batch, self.heads)
+            self._count(k, v)
+            return k, v
         k = self.k.view(lo, hi).to(self.device, non_blocking=False)
         v = self.v.view(lo, hi).to(self.device, non_blocking=False)
         self._count(k, v)
@@ -107,6 +116,14 @@ class Site:
         n = idx.shape[-1]
         out_k = out_k[:, :, :n] if out_k is not None and out_k.shape[2] >= n else None
         out_v = out_v[:, :, :n] if out_v is not None and out_v.shape[2] >= n else None
+        if self.codec is not None:  # decoded on the host (a sync): see runtime/host_codec.py
+            k, v = self.codec.fetch(idx, self.dtype, self.device, keys, values)
+            if out_k is not None and k is not None:
+                k = out_k.copy_(k)
+            if out_v is not None and v is not None:
+                v = out_v.copy_(v)
+            self._count(k, v)
+            return k, v
         k = ops.gather_rows(self.k.view(), idx, out_k, self.device, stream) if keys else None
         v = ops.gather_rows(self.v.view(), idx, out_v, self.device, stream) if values else None
         self._count(k, v)
@@ -118,7 +135,7 @@ class Site:
         self.stats.fetched_bytes += sum(t.numel() * t.element_size() for t in (k, v) if t is not None)
 
     def tier_bytes(self) -> dict[str, int]:
-        host = self.k.nbytes + self.v.nbytes
+        host = self.codec.nbytes if self.codec is not None else self.k.nbytes + self.v.nbytes
         dev = sum(_nbytes(x) for x in self.tier.values())
         if self.home == "device":
             return {"host": 0, "device": host + dev}

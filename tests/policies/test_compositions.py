@@ -54,3 +54,32 @@ def test_composition_options_are_checked():
         specache.compile(hf_models.build("llama"), policy_options={"layer_budgets": "pyramid"})
     with pytest.raises(ValueError, match="tau1"):
         specache.compile(hf_models.build("llama"), policy_options={"layer_budgets": "cake", "tau1": -1})
+
+
+def test_kvcomp_host_codec_shrinks_the_host_copy_within_its_error_bound():
+    base = hf_models.build("llama", layers=2, heads=8, kv_heads=2, head_dim=64)
+    ids = torch.randint(2, hf_models.VOCAB, (2, 300))
+    ref = base.generate(ids, max_new_tokens=6, do_sample=False)[:, 300:]
+    rel = 0.02
+    # measure_error keeps an exact copy next to the coded one: the oracle for the bound
+    m = specache.compile(hf_models.twin(base), topk=512, measure_error=True,
+                         policy_options={"host_codec": "kvcomp", "host_rel": rel})
+    out = specache.generate(m, ids, 6, prefill_chunk=128)  # chunks: later chunks attend to decoded earlier rows
+    assert (out == ref).float().mean() >= 0.8  # rows within 1% of their range: greedy barely moves
+    for site in specache.runtime_of(m).sites.values():
+        n = site.length
+        exact_k, exact_v = site.k.view(), site.v.view()
+        idx = torch.arange(n).expand(site.batch, site.heads, n)
+        k, v = site.codec.fetch(idx, torch.float32, torch.device("cpu"), True, True)
+        for got, want in ((k, exact_k), (v, exact_v)):
+            bound = (want.amax(-1, keepdim=True) - want.amin(-1, keepdim=True)) * rel / 2  # s/2 per row
+            assert bool(((got - want).abs() <= bound * 1.001 + 1e-6).all())
+        raw = 2 * exact_k.numel() * exact_k.element_size()
+        assert site.tier_bytes()["host"] < raw / 2  # fp32 rows coded at a few bits per value
+
+
+def test_kvcomp_host_codec_options_are_checked():
+    with pytest.raises(ValueError, match="host_codec"):
+        specache.compile(hf_models.build("llama"), policy_options={"host_codec": "zstd"})
+    with pytest.raises(ValueError, match="host_rel"):
+        specache.compile(hf_models.build("llama"), policy_options={"host_codec": "kvcomp", "host_rel": 1e-4})
