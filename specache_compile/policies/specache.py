@@ -65,6 +65,12 @@ class SpeCachePolicy(Policy):
         if self.layer_budgets not in (None, "cake"):
             raise ValueError(f"specache policy: policy_options['layer_budgets'] expected None or 'cake', got "
                              f"{self.layer_budgets!r}; fix: layer_budgets='cake' or leave it out")
+        # What a speculative step does with the real query's top-k rows the prefetch missed: "lowbit" (the paper:
+        # they attend through the low-bit copy) or "fetch" (fetched on demand, on the critical path)
+        self.miss_rule = opts.pop("miss_rule", "lowbit")
+        if self.miss_rule not in ("lowbit", "fetch"):
+            raise ValueError(f"specache policy: policy_options['miss_rule'] expected 'lowbit' or 'fetch', got "
+                             f"{self.miss_rule!r}")
         # Composition with KVComp: the host copy stored with KVComp's codec (runtime/host_codec.py)
         self.host_codec = opts.pop("host_codec", None)
         self.host_rel = opts.pop("host_rel", 0.02)
@@ -83,7 +89,7 @@ class SpeCachePolicy(Policy):
                 self.cake[key] = value
         if opts:
             raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of "
-                             f"{['hit_every', 'layer_budgets', 'host_codec', 'host_rel', *cake_keys]}")
+                             f"{['hit_every', 'miss_rule', 'layer_budgets', 'host_codec', 'host_rel', *cake_keys]}")
         self._prefs: dict[str, float] = {}  # site -> CAKE preference of its last prefill
         self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step
         self._cands: dict[str, int] = {}  # site -> candidate tokens after its prefill (the cap of its top-k)
@@ -303,12 +309,24 @@ class SpeCachePolicy(Policy):
             else:
                 idx, k_f, v_f = got
                 t["spec_steps"] += 1
-                if r > 1 and self.hit_every and t["spec_steps"] % self.hit_every == 0:
-                    # sampled: the real row's own top-k, to count how much of it the prefetch held
-                    real = self._rank(site, low_logits[:, :, :1], q[:, :, :1], k_cols, bias[..., :1, :], lo, c_lo,
-                                      qhi, scale)
+            sample = got is not None and self.hit_every and t["spec_steps"] % self.hit_every == 0
+            if r > 1 and (sample or self.miss_rule == "fetch"):
+                # the real row's own top-k: to count how much of it the prefetch held, and (miss_rule="fetch") to
+                # bring the rows it missed now, on demand
+                real = self._rank(site, low_logits[:, :, :1], q[:, :, :1], k_cols, bias[..., :1, :], lo, c_lo,
+                                  qhi, scale)
+                if sample:
                     t["hits"] += overlap_count(real, idx)
                     t["hit_total"] += real.numel()
+                if self.miss_rule == "fetch":
+                    miss = torch.where((real.unsqueeze(-1) == idx.unsqueeze(-2)).any(-1), -1, real)  # -1: held
+                    if "miss_k" not in t:  # allocated once per sequence, on the first speculative step
+                        t["miss_k"] = torch.empty_like(pf.slots_k[0])
+                        t["miss_v"] = torch.empty_like(pf.slots_v[0])
+                    with site.streams.span("demand", site.device, nbytes=_row_bytes(site, miss)):
+                        k_m, v_m = site.fetch(miss.clamp(min=c_lo), t["miss_k"], t["miss_v"])
+                    # fp_pos -1 is ignored by the attention: held rows are not attended twice
+                    idx, k_f, v_f = torch.cat([idx, miss], 2), torch.cat([k_f, k_m], 2), torch.cat([v_f, v_m], 2)
             pf.issue(site, nxt)
         pos = [torch.arange(lo, c_lo, device=dev).expand(b, hkv, c_lo - lo), idx,
                torch.arange(qhi, hi + 1, device=dev).expand(b, hkv, hi + 1 - qhi)]

@@ -158,3 +158,29 @@ def test_speculative_step_refused_for_a_policy_without_it():
     with pytest.raises(ValueError, match="step mode"):
         with runtime.stepping("sideways"):
             pass
+
+
+def test_miss_rule_fetch_brings_what_the_prefetch_missed():
+    """On the trained model the speculative row predicts part of the real top-k; miss_rule='fetch' adds the rest on
+    demand, so the real rows attend over a superset of their own top-k: less attention error than the paper's
+    low-bit rule, and on-demand fetches appear in the accounting."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    tiny = Path(__file__).resolve().parents[2] / "models" / "specache-tiny"
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 2000, (1, 500), generator=g)
+    errs, rows = {}, {}
+    for rule in ("lowbit", "fetch"):
+        torch._dynamo.reset()
+        m = specache.compile(copy.deepcopy(base), measure_error=True, policy_options={"miss_rule": rule})
+        specache.generate(m, ids, 8)
+        e = specache.attention_error(m)
+        errs[rule] = sum(v["mean"] for v in e.values()) / len(e)
+        rows[rule] = sum(s["fetched_rows"] for s in specache.stats(m)["store"].values())
+    assert errs["fetch"] < errs["lowbit"]
+    assert rows["fetch"] > rows["lowbit"]  # the misses (and the -1 placeholders' clamped rows) came on demand
+    with pytest.raises(ValueError, match="miss_rule"):
+        specache.compile(copy.deepcopy(base), policy_options={"miss_rule": "guess"})
