@@ -57,6 +57,7 @@ def generate(
     speculative: bool | None = None,
     prefill_chunk: int | None = None,
     on_step: Any = None,
+    suppress_tokens: list[int] | None = None,
 ) -> torch.Tensor:
     """Greedy decode ``max_new_tokens`` tokens after ``input_ids`` [B, S] with a specache-compiled transformers model.
     Returns [B, max_new_tokens].
@@ -64,7 +65,8 @@ def generate(
     speculative: None = the model's Config.speculative (when its policy supports it). prefill_chunk: prefill this many
     tokens per call (bounds activation memory at long contexts; policies that keep no full KV prefill in one call).
     past_key_values: a transformers cache to fill (default: a new DynamicCache). on_step(i): called after each step
-    (the benchmarks time steps with it).
+    (the benchmarks time steps with it). suppress_tokens: never generate these (pass the EOS ids to match
+    ``model.generate(..., min_new_tokens=n)``, which masks EOS until n tokens exist).
     """
     from transformers import DynamicCache
 
@@ -98,7 +100,11 @@ def generate(
                 "runtime), e.g. torch._dynamo's recompile_limit was hit. Fix: torch._dynamo.reset() between models, "
                 "or raise torch._dynamo.config.recompile_limit."
             )
-        return out.logits
+        logits = out.logits
+        if suppress_tokens:
+            logits = logits.clone()
+            logits[..., list(suppress_tokens)] = float("-inf")
+        return logits
 
     # -- 1. prefill -----------------------------------------------------------------------------------------------
     runtime = None

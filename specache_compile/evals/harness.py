@@ -82,8 +82,11 @@ class Runner:
             import specache
 
             if specache.runtime_of(self.model).policy.speculative:
-                # SpeCache as published: pre-decoding, then [real, speculative] steps with prefetch
-                return specache.generate(self.model, x, n)[0].tolist()
+                # SpeCache as published: pre-decoding, then [real, speculative] steps with prefetch; EOS masked as
+                # model.generate(min_new_tokens=n) masks it for the reference (else the sequences part at its EOS)
+                eos = getattr(self.model.generation_config, "eos_token_id", None)
+                eos = [eos] if isinstance(eos, int) else list(eos or [])
+                return specache.generate(self.model, x, n, suppress_tokens=eos)[0].tolist()
         with torch.no_grad():
             out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
         return out[0, len(ids) :].tolist()
