@@ -184,3 +184,13 @@ def test_miss_rule_fetch_brings_what_the_prefetch_missed():
     assert rows["fetch"] > rows["lowbit"]  # the misses (and the -1 placeholders' clamped rows) came on demand
     with pytest.raises(ValueError, match="miss_rule"):
         specache.compile(copy.deepcopy(base), policy_options={"miss_rule": "guess"})
+
+
+def test_generate_suppress_tokens_never_emits_them():
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt(s=60)
+    m = specache.compile(hf_models.twin(base), topk=512, window=16, group_size=16)
+    free = specache.generate(m, ids, 10, attention_mask=mask)
+    banned = sorted(set(free[:, :3].flatten().tolist()))  # tokens it did pick, to make the mask bite
+    out = specache.generate(m, ids, 10, attention_mask=mask, suppress_tokens=banned)
+    assert not any(t in banned for t in out.flatten().tolist())
