@@ -190,10 +190,9 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                 specache.compile(m, policy=name, inner=args.inner, **opts)
                 compiled[key] = m
             m = compiled[key]
-            runtime = specache.runtime_of(m) if hasattr(m, "_specache_runtime") else None
+            runtime = specache.runtime_of(m)  # specache.compile attached it: on_step can start the fetch timer
             spec = method in ("specache", "specache-cake")
             specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step)
-            runtime = specache.runtime_of(m)
             mem = specache.memory(m)
             kv_dev, host = mem["device"], mem["host"]
             st = specache.stats(m)["store"]

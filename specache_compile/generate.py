@@ -84,15 +84,15 @@ def generate(
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 2  # decode calls need at most two rows of logits
 
-    seen = [None]
+    runtime = None  # the model's specache runtime (read by call() when it runs, so it sees the later binding)
 
     def call(ids: torch.Tensor, m: torch.Tensor, start: int):
         n = ids.shape[1]
         pos = _positions(m)[:, -n:]
-        before = seen[0].calls if seen[0] is not None else 0
+        before = runtime.calls if runtime is not None else 0
         out = model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(start, start + n, device=dev), **kwargs)
-        if seen[0] is not None and seen[0].calls == before:
+        if runtime is not None and runtime.calls == before:
             # Dynamo ran the model without our graph (recompile limit hit, or compilation disabled): its attention
             # read the placeholder cache. Refuse rather than return tokens computed from zeros.
             raise RuntimeError(
@@ -107,9 +107,8 @@ def generate(
         return logits
 
     # -- 1. prefill -----------------------------------------------------------------------------------------------
-    runtime = None
     try:
-        runtime = seen[0] = runtime_of(model)
+        runtime = runtime_of(model)
         runtime.capacity_hint = s + max_new_tokens + 1  # the host store is allocated once, pinned, at this size
     except ValueError:  # torch.compile(backend="specache"): the runtime appears with the first call
         pass
@@ -122,7 +121,7 @@ def generate(
         e = min(s, a + chunk)
         logits = call(input_ids[:, a:e], mask[:, :e], a)
         if runtime is None:
-            runtime = seen[0] = runtime_of(model)
+            runtime = runtime_of(model)
         a = e
     if speculative is None:
         speculative = runtime.config.speculative

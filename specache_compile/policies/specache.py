@@ -125,13 +125,9 @@ class SpeCachePolicy(Policy):
             budgets = cake.allocate_budgets([self._prefs[n] for n in names], self.topk * len(names), caps)
             self._topk = dict(zip(names, budgets))
         k = max(1, self._topk.get(site.name, self.topk))
-        pf = site.tier["prefetch"]
-        if pf.rows < k:  # first decode step of a larger budget: grow this layer's slots once
-            pf.cancel()
-            new = Prefetch.allocate(site.streams, site.batch, site.heads, k, site.head_dim, site.v_head_dim,
-                                    site.dtype, site.device)
-            site.tier["prefetch"] = new
-            site.tier["fetch_k"], site.tier["fetch_v"] = new.slots_k, new.slots_v
+        if site.tier["prefetch"].rows < k:  # first decode step of a larger budget: grow this layer's slots once
+            site.tier["prefetch"].cancel()
+            _new_prefetch(site, k)
         return k
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -154,9 +150,7 @@ class SpeCachePolicy(Policy):
         t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
         # Fetched rows land in two slots of topk rows per KV head, allocated once per sequence: the stream manager
         # fills one (next step's prefetch) while attention reads the other. On-demand fetches use the free one.
-        pf = Prefetch.allocate(site.streams, b, h, max(self.topk, 1), d, dv, site.dtype, dev)
-        t["prefetch"] = pf
-        t["fetch_k"], t["fetch_v"] = pf.slots_k, pf.slots_v  # counted in the device tier
+        _new_prefetch(site, max(self.topk, 1))
         t["hits"] = torch.zeros((), dtype=torch.int64, device=dev)  # sampled prefetch hits (device counters)
         t["hit_total"] = torch.zeros((), dtype=torch.int64, device=dev)
         t["spec_steps"] = 0
@@ -398,3 +392,12 @@ class SpeCachePolicy(Policy):
 def _row_bytes(site, idx) -> int:
     """Bytes of the K and V rows idx [B, Hkv, K] (shape arithmetic, no sync)."""
     return idx.numel() * (site.head_dim + site.v_head_dim) * site.dtype.itemsize
+
+
+def _new_prefetch(site, rows: int) -> Prefetch:
+    """The site's two fetch slots of ``rows`` rows per KV head (runtime/streams.py), kept in the device tier."""
+    pf = Prefetch.allocate(site.streams, site.batch, site.heads, rows, site.head_dim, site.v_head_dim, site.dtype,
+                           site.device)
+    site.tier["prefetch"] = pf
+    site.tier["fetch_k"], site.tier["fetch_v"] = pf.slots_k, pf.slots_v  # counted in the device tier
+    return pf

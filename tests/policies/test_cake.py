@@ -31,16 +31,6 @@ from specache_compile.policies.cake import (  # noqa: E402
 )
 from specache_compile.runtime.store import Site  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: one intra-op thread is faster on a 2-core box (conftest.py resets Dynamo around every test)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- fake runtime: the calls runtime.attend makes, in its order ------------------------------------------------------
 
 

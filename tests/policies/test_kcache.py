@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: shared h
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/policies: the pass-level helpers
 import test_streaming as helpers  # noqa: E402
 from numerics import FP32_REL, rel_err  # noqa: E402
-from test_streaming import one_thread  # noqa: E402,F401 (autouse fixture)
 
 from specache_compile.config import Config  # noqa: E402
 from specache_compile.kernels import ops  # noqa: E402

@@ -36,14 +36,6 @@ PROMPT, STEPS = (12, 7), 6  # pass level: left-padded prompts of these lengths, 
 SLIDING = 14  # Mistral's window at pass level: < 12 + 6 tokens, so the last steps attend [lo > 0, hi)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny per-step tensors: one intra-op thread is faster than two spinning on a 2-core box (as tests/passes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def step(rt, q, k, v, base_len, mask=None, causal=False):
     """One specache::attend call of a DynamicCache-style site (APPEND mode): base_len = columns the model attends."""
