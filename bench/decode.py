@@ -139,9 +139,19 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             # CUDA graphs could save at most (step time - GPU busy = host-side launch overhead)
             start = args.warmup + args.steps + args.timed_fetch
             if i == start:
-                prof["p"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CUDA]
+                if args.host_profile:  # host time per op as well: where the step's launch overhead goes
+                    acts.append(torch.profiler.ProfilerActivity.CPU)
+                prof["p"] = torch.profiler.profile(activities=acts)
                 prof["p"].start()
+                if args.host_profile:  # and the Python functions the host spends the step in
+                    import cProfile
+
+                    prof["py"] = cProfile.Profile()
+                    prof["py"].enable()
             elif i == start + args.profile_steps:
+                if "py" in prof:
+                    prof["py"].disable()
                 torch.cuda.synchronize()
                 prof["p"].stop()
 
@@ -228,6 +238,20 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         busy_us = sum(e.device_time_total for e in prof["p"].key_averages() if e.device_time_total > 0
                       and e.key != "ProfilerStep*")
         row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
+        if args.host_profile:
+            table = prof["p"].key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
+            name = f"host_profile_{method}_{ctx}x{batch}.txt"
+            for folder in {RESULTS, Path(os.environ.get("OUT", RESULTS))}:
+                (folder / name).write_text(f"{args.profile_steps} steps, {method} {ctx}x{batch}\n{table}\n")
+        if "py" in prof:
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(prof["py"], stream=text).sort_stats("tottime").print_stats(60)
+            name = f"host_pyprofile_{method}_{ctx}x{batch}.txt"
+            for folder in {RESULTS, Path(os.environ.get("OUT", RESULTS))}:
+                (folder / name).write_text(text.getvalue())
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
     return row
@@ -273,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timed-fetch", type=int, default=4)
     ap.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler (GPU busy time)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="profile host time per op over the --profile-steps steps (a table per row in results/)")
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--budget-frac", type=float, default=0.15, help="KV budget of eviction policies (fraction)")
     ap.add_argument("--inner", default="auto", help="specache's inner compiler (auto = inductor on CUDA)")

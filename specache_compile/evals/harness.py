@@ -183,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = {**env_fields(), "model": Path(args.model).name, "dtype": str(dtype).removeprefix("torch.")}
     rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(row: dict) -> None:
+        # each row is written as soon as its cell is done: a run cut short (a time limit) keeps what it measured
+        rows.append(row)
+        write_rows(out.name, [row]) if out.parent == RESULTS else _append(out, [row])
+
     contexts = sorted(args.contexts)
     runners = [Runner(base, spec, args.device, defaults) for spec in args.policies]
     # the full-cache reference for greedy agreement: the baseline runner, or one made for it
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                             seed = zlib.crc32(f"{task_name}/{ctx}/{depth}/{trial}".encode())
                             task = make(tok, ctx, depth, rng=seed)
                             hits += run.generate(task.input_ids, len(task.answer_ids)) == task.answer_ids
-                        rows.append(
+                        emit(
                             {
                                 "bench": "accuracy",
                                 "task": task_name,
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     agree_ref[ctx] = reference.generate(prompt, args.agree_tokens)
                 gen = run.generate(prompt, args.agree_tokens) if run is not reference else agree_ref[ctx]
                 same = sum(a == b for a, b in zip(gen, agree_ref[ctx])) / len(agree_ref[ctx])
-                rows.append(
+                emit(
                     {
                         "bench": "accuracy",
                         "task": "agreement",
@@ -239,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                         **env,
                     }
                 )
-                rows.append(
+                emit(
                     {
                         "bench": "accuracy",
                         "task": "attn_rel_error",
@@ -251,11 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 progress.advance(bar)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_rows(out.name, rows) if out.parent == RESULTS else _append(out, rows)
-    for run in runners:
-        heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
+            # this policy's heatmap as soon as its grid is done (a cut run keeps the finished ones)
+            heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
     _summary(console, rows, runners, contexts)
     console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f} s)")
     if args.quick:

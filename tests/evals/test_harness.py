@@ -24,3 +24,28 @@ def test_quick_eval_finds_the_needle(tmp_path):
     spec = [r for r in rows if r["policy"] == "specache" and r["task"] == "attn_rel_error"]
     assert all(0 < r["score"] < 1 for r in spec)  # small topk: measurably inexact, but not garbage
     assert (tmp_path / "needle_baseline.png").exists() and (tmp_path / "needle_specache.png").exists()
+
+
+def test_a_cut_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """Rows are written per cell: a run stopped in its second policy (a time limit, a crash) keeps the first's."""
+    from specache_compile.evals import harness
+
+    real = harness.Runner.generate
+
+    def generate(self, ids, n):
+        if self.spec != "baseline":
+            raise RuntimeError("stopped here")
+        return real(self, ids, n)
+
+    monkeypatch.setattr(harness.Runner, "generate", generate)
+    out = tmp_path / "accuracy.jsonl"
+    try:
+        main(["--quick", "--policies", "baseline", "specache", "--out", str(out)])
+    except RuntimeError as e:
+        assert "stopped here" in str(e)
+    else:
+        raise AssertionError("the patched runner should have stopped the run")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # 2 contexts x (needle + passkey at 3 depths, agreement, attention error) of the baseline, nothing else
+    assert len(rows) == 2 * (2 * 3 + 2) and {r["policy"] for r in rows} == {"baseline"}
+    assert (tmp_path / "needle_baseline.png").exists()
