@@ -162,6 +162,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         torch.cuda.reset_peak_memory_stats()
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     t0 = time.perf_counter()
+    compile0 = _compile_seconds()
     kv_dev = host = 0
     hit = None
     with torch.no_grad():
@@ -232,11 +233,13 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "prefetch_hit_rate": hit,
         "first_steps_ms": times[: args.warmup],
         "row_wall_s": wall,
+        "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
         "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
     })
     if "p" in prof:
-        busy_us = sum(e.device_time_total for e in prof["p"].key_averages() if e.device_time_total > 0
-                      and e.key != "ProfilerStep*")
+        # self time only: an op's device_time_total also holds its children's kernels (aten::linear holds aten::mm's,
+        # specache::attend every kernel it launched), so summing totals counts a kernel once per enclosing op
+        busy_us = sum(e.self_device_time_total for e in prof["p"].key_averages() if e.key != "ProfilerStep*")
         row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
         if args.host_profile:
             table = prof["p"].key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
@@ -255,6 +258,13 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
     return row
+
+
+def _compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (Dynamo's own per-frame timer, backend included)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
 def plot(rows, path: Path):

@@ -63,14 +63,23 @@ def test_cuda_decode_hot_path_has_no_host_sync(speculative, cache):
 
     specache.generate(model, ids, 12, speculative=speculative, past_key_values=make())  # compile every graph
 
+    checked = []
+
     def on_step(i):
+        # on_step(i) runs after decode step i; steps 3..10 run in "error" mode. Off after the last step: generate's
+        # end-of-sequence check of the deferred write positions (Runtime.check_deferred) is one sync per call, by design
         if i == 2:  # steady state: after the first steps (where Dynamo may still mark shapes dynamic)
             torch.cuda.set_sync_debug_mode("error")
+        elif i == 10:
+            torch.cuda.set_sync_debug_mode(0)
+        if i > 2:
+            checked.append(i)
 
     try:
         specache.generate(model, ids, 12, speculative=speculative, past_key_values=make(), on_step=on_step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert checked == list(range(3, 11))  # eight decode steps ran under "error" mode
     st = next(iter(specache.stats(model)["store"].values()))
     assert st["decode_steps"] == 11
     if speculative:
