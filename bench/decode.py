@@ -294,6 +294,46 @@ def plot(rows, path: Path):
     plt.close(fig)
 
 
+def latest_rows(path: Path) -> list[dict]:
+    """The newest measured row per (method, context, batch) in a results file (rows are appended run after run)."""
+    import json
+
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("step_ms"):
+            latest[(r["method"], r["context"], r["batch"])] = r
+    return list(latest.values())
+
+
+def plot_side_by_side(rows, context: int, path: Path):
+    """Bars, one per method at one context: step time (and the GPU-busy part of it), KV bytes on the device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = sorted((r for r in rows if r["context"] == context and r["batch"] == 1), key=lambda r: r["step_ms"])
+    if not rs:
+        return
+    names = [f"{r['method']}\n{r['git_sha'][:7]}" for r in rs]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    axes[0].bar(names, [r["step_ms"] for r in rs], color="tab:blue", label="decode step")
+    axes[0].bar(names, [r.get("gpu_busy_ms") or 0 for r in rs], color="tab:orange", width=0.4,
+                label="GPU busy (rows from 2888e64 on; earlier rows overstate it)")
+    axes[0].set_ylabel("ms per step (batch 1)")
+    axes[0].legend(fontsize=7)
+    axes[1].bar(names, [r["kv_device_bytes"] / 2**30 for r in rs], color="tab:green")
+    axes[1].set_ylabel("KV bytes on the device (GiB)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Llama-3-8B shape, {context // 1024}K context, H100: newest row per method (commit under each bar)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["full", "hf-offloaded", "specache", "specache-noprefetch"])
@@ -316,7 +356,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model (CPU smoke run)")
     ap.add_argument("--out", default="decode.jsonl")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="no runs: plot the newest row per method/context of bench/results/<out>")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        rows = latest_rows(RESULTS / args.out)
+        stem = Path(args.out).stem
+        plot(rows, RESULTS / f"{stem}.png")
+        for ctx in sorted({r["context"] for r in rows}):
+            plot_side_by_side(rows, ctx, RESULTS / f"{stem}_methods_{ctx // 1024}k.png")
+        return 0
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # every method's graphs of one model share code objects: room for all of them (the limit is per code object)
