@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +25,12 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from interpreted import run_interpreted  # noqa: E402
 from numerics import LOWP_FACTOR, norm_err  # noqa: E402
 
 from specache_compile.kernels import attn_ops as ao  # noqa: E402
 from specache_compile.kernels import reference as ref  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run on the lent GPU)")
@@ -246,27 +243,7 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interpreted_attn")
-    code = (
-        "import sys; sys.path[:0] = [sys.argv[2], sys.argv[3], sys.argv[3] + '/..']; "
-        "import test_triton_attn as t; t._run_interpreted(sys.argv[1], int(sys.argv[4]), int(sys.argv[5]))"
-    )
-    # CUDA hidden: the interpreter runs on CPU tensors and must not touch a GPU another test is using.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEBUG": "0", "CUDA_VISIBLE_DEVICES": ""}
-    shards = max(1, min(4, (os.cpu_count() or 1) // 2))  # the interpreter is single-threaded numpy
-    procs = []
-    for i in range(shards):
-        argv = [sys.executable, "-c", code, str(tmp / f"{i}.pt"), str(ROOT), str(Path(__file__).parent), str(i),
-                str(shards)]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = {"scores": {}, "decode": {}, "policy": {}}
-    for i, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            pytest.fail(f"interpreted run {i} failed (rc {proc.returncode}):\n{err[-6000:]}")
-        part = torch.load(tmp / f"{i}.pt", weights_only=False)
-        for key in results:
-            results[key].update(part[key])
-    return results
+    return run_interpreted("test_triton_attn", tmp, ("scores", "decode", "policy"))
 
 
 def _got(entry):

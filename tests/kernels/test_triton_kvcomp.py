@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `import specache` uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tolerance table
+from interpreted import run_interpreted  # noqa: E402
 from numerics import LOWP_FACTOR, norm_err  # noqa: E402
 
 from specache_compile.config import Config  # noqa: E402
@@ -30,7 +30,6 @@ from specache_compile.kernels import kvcomp_ops as ko  # noqa: E402
 from specache_compile.policies.kvcomp import KVCompPolicy, compression_stats  # noqa: E402
 from specache_compile.runtime.store import Site  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run on the lent GPU)")
@@ -229,8 +228,8 @@ def _policy_run(pol, site, k, v, qs, n, no_sync=False):
     return outs
 
 
-def _run_interpreted(path: str) -> None:
-    """In a child (TRITON_INTERPRET=1): every case through the Triton kernels, saved."""
+def _run_interpreted(path: str, shard: int = 0, shards: int = 1) -> None:
+    """In a child (TRITON_INTERPRET=1): every case through the Triton kernels, saved (one child: no sharding)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     ko.wrap_triton = lambda kernel: kernel  # the interpreter launches the kernel object itself
     res = {"scores": {}, "pv": {}, "rows": {}, "policy": {}}
@@ -254,14 +253,9 @@ def _run_interpreted(path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    path = tmp_path_factory.mktemp("interpreted_kvcomp") / "out.pt"
-    code = "import sys; sys.path[:0] = [sys.argv[2]]; import test_triton_kvcomp as t; t._run_interpreted(sys.argv[1])"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEBUG": "0", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreted run failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
-    return torch.load(path, weights_only=False)
+    # one child: the policy cases carry state across steps, and the whole module runs in about a minute
+    return run_interpreted("test_triton_kvcomp", tmp_path_factory.mktemp("interpreted_kvcomp"),
+                           ("scores", "pv", "rows", "policy"), shards=1, timeout=600)
 
 
 def _scores_three_way(args, k64, got):
