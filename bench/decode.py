@@ -237,8 +237,9 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
     })
     if "p" in prof:
-        # self time only: an op's device_time_total also holds its children's kernels (aten::linear holds aten::mm's,
-        # specache::attend every kernel it launched), so summing totals counts a kernel once per enclosing op
+        # self time only: with --host-profile the CPU ops are recorded too, and an op's device_time_total holds its
+        # children's kernels (aten::linear holds aten::mm's), so summing totals would count a kernel once per
+        # enclosing op (with CUDA activity alone, as in rows before 2888e64, the two sums agree)
         busy_us = sum(e.self_device_time_total for e in prof["p"].key_averages() if e.key != "ProfilerStep*")
         row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
         if args.host_profile:
@@ -320,7 +321,7 @@ def plot_side_by_side(rows, context: int, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     axes[0].bar(names, [r["step_ms"] for r in rs], color="tab:blue", label="decode step")
     axes[0].bar(names, [r.get("gpu_busy_ms") or 0 for r in rs], color="tab:orange", width=0.4,
-                label="GPU busy (rows from 2888e64 on; earlier rows overstate it)")
+                label="GPU busy (profiled steps)")
     axes[0].set_ylabel("ms per step (batch 1)")
     axes[0].legend(fontsize=7)
     axes[1].bar(names, [r["kv_device_bytes"] / 2**30 for r in rs], color="tab:green")
