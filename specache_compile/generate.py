@@ -58,6 +58,7 @@ def generate(
     prefill_chunk: int | None = None,
     on_step: Any = None,
     suppress_tokens: list[int] | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Greedy decode ``max_new_tokens`` tokens after ``input_ids`` [B, S] with a specache-compiled transformers model.
     Returns [B, max_new_tokens].
@@ -67,6 +68,9 @@ def generate(
     past_key_values: a transformers cache to fill (default: a new DynamicCache). on_step(i): called after each step
     (the benchmarks time steps with it). suppress_tokens: never generate these (pass the EOS ids to match
     ``model.generate(..., min_new_tokens=n)``, which masks EOS until n tokens exist).
+    cuda_graph: replay the speculative steps as CUDA graphs (two, one per prefetch slot parity), captured after two
+    warm-up steps: needs CUDA, a StaticCache (past_key_values) with room for the prompt and every new token plus one,
+    and the specache policy with ``policy_options={"static": True}`` (policies/specache_static.py).
     """
     from transformers import DynamicCache
 
@@ -106,6 +110,8 @@ def generate(
             logits[..., list(suppress_tokens)] = float("-inf")
         return logits
 
+    if cuda_graph:
+        _check_graphable(model, input_ids, max_new_tokens, past_key_values, speculative)
     # -- 1. prefill -----------------------------------------------------------------------------------------------
     try:
         runtime = runtime_of(model)
@@ -150,6 +156,11 @@ def generate(
         logits = call(tok, mask, p)
     spec = logits[:, -1].argmax(-1, keepdim=True)  # T'2
     crop()
+    if cuda_graph:
+        rest = _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, max_new_tokens - 1, on_step,
+                                   suppress_tokens, capture=dev.type == "cuda")
+        runtime.check_deferred()
+        return torch.cat([tok, rest], dim=1)
     # -- 3. steps: [T_t, T'_{t+1}] -> T_{t+1}, T'_{t+2} -------------------------------------------------------------
     for i in range(max_new_tokens - 1):
         m2 = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # + the speculative token's column
@@ -165,3 +176,121 @@ def generate(
             on_step(i)
     runtime.check_deferred()
     return torch.cat(out, dim=1)
+
+
+# -- CUDA graphs over the speculative steps ---------------------------------------------------------------------------
+
+
+def _capacity(cache) -> int | None:
+    """Positions of a cache written by position (StaticCache: every layer's max_cache_len), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or type(cache).__name__ == "DynamicCache":
+        return None
+    caps = {getattr(layer, "max_cache_len", None) for layer in layers}
+    cap = caps.pop() if len(caps) == 1 else None
+    return cap if isinstance(cap, int) and cap > 0 else None
+
+
+def _check_graphable(model, input_ids, max_new_tokens, cache, speculative) -> None:
+    from .api import runtime_of
+
+    problems = []
+    if input_ids.device.type != "cuda":
+        problems.append(f"input_ids on {input_ids.device} (CUDA graphs need CUDA)")
+    if speculative is False:
+        problems.append("speculative=False (the graphed loop is the speculative one)")
+    cap = _capacity(cache)
+    if cap is None:
+        problems.append(f"past_key_values={type(cache).__name__} (expected a StaticCache: fixed shapes)")
+    elif cap < input_ids.shape[1] + max_new_tokens + 1:
+        problems.append(f"a StaticCache of {cap} positions (expected >= prompt + max_new_tokens + 1 = "
+                        f"{input_ids.shape[1] + max_new_tokens + 1})")
+    try:
+        policy = runtime_of(model).policy
+        if not getattr(policy, "static", False):
+            problems.append(f"policy {policy.name!r} without policy_options['static']=True")
+    except ValueError:
+        problems.append("a model not compiled with specache.compile")
+    if problems:
+        raise ValueError("specache.generate(cuda_graph=True): got " + "; ".join(problems) + ". Fix: "
+                         "specache.compile(model, policy_options={'static': True}), a transformers StaticCache with "
+                         "room for every token, on CUDA.")
+
+
+def _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, n_steps, on_step, suppress, capture):
+    """The speculative steps over fixed input buffers that the step itself advances on the device (tokens, cache
+    positions, position ids, output column), so one step is one replayable unit. capture=False runs the same step
+    eagerly (the CPU tests use it). Returns the new tokens [B, n_steps]."""
+    b, dev = tok.shape[0], tok.device
+    cap = _capacity(cache)
+    ids = torch.cat([tok, spec], dim=1)  # [B, 2]: T_t, T'_{t+1}
+    full_mask = torch.ones((b, cap), dtype=mask.dtype, device=dev)
+    full_mask[:, : mask.shape[1]] = mask  # the prompt's padding; the causal mask hides the positions not yet written
+    m2 = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
+    pos_ids = _positions(m2)[:, -2:].contiguous()
+    cache_pos = torch.arange(p, p + 2, device=dev)
+    outs = torch.empty((b, n_steps), dtype=torch.long, device=dev)
+    col = torch.zeros(1, dtype=torch.long, device=dev)
+    sup: list = []  # the suppression row, made at the first (eager) step from the logits' width
+
+    def step():
+        before = runtime.calls
+        with runtime.stepping(SPECULATIVE):
+            out = model(input_ids=ids, attention_mask=full_mask, position_ids=pos_ids, past_key_values=cache,
+                        use_cache=True, cache_position=cache_pos, **kwargs)
+        if runtime.calls == before:
+            raise RuntimeError("specache.generate: the model ran without specache's compiled graph (see the "
+                               "refusal in generate's call())")
+        logits = out.logits[:, -2:].float()
+        if suppress:
+            if not sup:
+                sup.append(torch.zeros(logits.shape[-1], device=dev).index_fill_(
+                    0, torch.tensor(list(suppress), device=dev), float("-inf")))
+            logits = logits + sup[0]
+        nxt = logits.argmax(-1)  # [B, 2]: T_{t+1}, T'_{t+2}
+        outs.index_copy_(1, col, nxt[:, :1])
+        col.add_(1)
+        ids.copy_(nxt)
+        cache_pos.add_(1)
+        pos_ids.add_(1)
+        _drop_last(cache)  # the speculative token leaves the model's cache (a device counter on 5.2x StaticLayers)
+
+    i = 0
+    if not capture:
+        for i in range(n_steps):
+            step()
+            if on_step is not None:
+                on_step(i)
+        return outs
+    warm = min(2, n_steps)
+    side = torch.cuda.Stream(dev)  # warm-up off the default stream, as CUDA graph capture wants
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for i in range(warm):
+            step()
+            if on_step is not None:
+                on_step(i)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    torch.cuda.synchronize(dev)  # NOTE: once: no fetch of a warm-up step may still be in flight at the capture
+    graphs: list = []
+    pool = None
+    i = warm
+    while i < n_steps:
+        if len(graphs) < 2:  # one graph per prefetch-slot parity; capturing runs the step's Python once
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                step()
+                runtime.streams.join(dev)  # every prefetch of the step joins back before the capture ends
+            pool = g.pool()
+            graphs.append(g)
+        graphs[(i - warm) % 2].replay()
+        if on_step is not None:
+            on_step(i)
+        i += 1
+    replays_without_python = max(0, n_steps - warm - len(graphs))
+    from .policies import specache_static
+
+    for site in runtime.sites.values():
+        if "static" in site.tier:
+            specache_static.replayed(site, replays_without_python)
+    return outs

@@ -15,3 +15,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_thread():
+    # tiny per-step tensors: one intra-op thread is faster than two spinning on a 2-core box (the policy and runtime
+    # suites use it for every test, through their conftest.py)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

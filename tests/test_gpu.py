@@ -107,3 +107,64 @@ def test_cuda_prefetch_overlaps_and_is_timed():
     assert 0.0 <= st["prefetch_hit_rate"] <= 1.0
     side = runtime.streams.side(torch.device("cuda"))
     assert side is not None and side != torch.cuda.current_stream()
+
+
+# -- the static decode path and CUDA graphs (policies/specache_static.py, generate(cuda_graph=True)) ------------------
+
+
+def _static_run(model, ids, n, cache_len, **kw):
+    from transformers import StaticCache
+
+    return specache.generate(model, ids, n, past_key_values=StaticCache(config=model.config, max_cache_len=cache_len),
+                             **kw)
+
+
+def test_cuda_static_path_equals_the_dynamic_path():
+    """Pinned store written by the GPU at device positions, zero-copy static gathers, side-stream prefetch: the same
+    tokens as the default path (float64, so the two paths' different reduction orders cannot flip an argmax: the
+    attention ops run their references there; the row movers and streams are the CUDA ones)."""
+    base = _bigger(torch.float64)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    outs = []
+    for static in (False, True):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, topk=32, window=64, group_size=64, inner="inductor", policy_options={"static": static})
+        outs.append(_static_run(m, ids, 80, 800))
+    assert torch.equal(outs[0], outs[1])
+    site = next(iter(specache.runtime_of(m).sites.values()))
+    assert site.k.data.is_pinned() and int(site.tier["s_n"]) == site.length == 700 + 79
+
+
+def test_cuda_graph_generate_equals_eager_static():
+    """generate(cuda_graph=True): two warm-up steps, two captured graphs (one per prefetch slot), then replays; the
+    tokens and the store's bookkeeping equal the eager static loop's."""
+    base = _bigger(torch.bfloat16)
+    ids = torch.randint(2, 128, (1, 1500), device="cuda")
+    outs, stats = [], []
+    for graphed in (False, True):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, topk=32, inner="inductor", policy_options={"static": True, "hit_every": 1})
+        outs.append(_static_run(m, ids, 24, 1600, cuda_graph=graphed))
+        stats.append(next(iter(specache.stats(m)["store"].values())))
+    assert torch.equal(outs[0], outs[1])
+    for key in ("length", "decode_steps", "prefetch_issued", "prefetch_consumed", "fetched_rows"):
+        assert stats[0][key] == stats[1][key], key
+
+
+def test_cuda_static_decode_has_no_host_sync():
+    base = _bigger(torch.bfloat16)
+    torch._dynamo.reset()
+    m = twin(base)
+    specache.compile(m, topk=32, inner="inductor", policy_options={"static": True})
+    ids = torch.randint(2, 128, (1, 1500), device="cuda")
+    _static_run(m, ids, 12, 1600)  # compile every graph
+
+    def on_step(i):
+        torch.cuda.set_sync_debug_mode("error" if 2 <= i < 10 else 0)
+
+    try:
+        _static_run(m, ids, 12, 1600, on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

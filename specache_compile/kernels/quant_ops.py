@@ -23,7 +23,7 @@ try:
     import triton
     from torch.library import wrap_triton
 
-    from .triton.gather import gather_rows_kernel
+    from .triton.gather import gather_rows_kernel, scatter_rows_kernel
     from .triton.quantize import quantize_keys_kernel, quantize_values_kernel
 
     HAS_TRITON = True
@@ -350,4 +350,61 @@ def gather_rows(
             log.warning("gather_rows: zero-copy launch failed (%s); gathering on the host and copying", UVA_ERROR)
     _gather_host_copy(src, idx, out)
     GATHER_PATH = "host_copy"
+    return out
+
+
+# -- row movers with positions held on the device (the static decode path, runtime-capturable) -----------------------
+
+
+def _scatter_rows_triton(src: torch.Tensor, idx: torch.Tensor, dst, shape, strides) -> None:
+    # dst: a tensor, or a _HostPointer with shape / strides given apart
+    b, h, k, d = src.shape
+    if k == 0 or d == 0:
+        return
+    grid = (triton.cdiv(k, _BLOCK_K), h, b)
+    scatter_rows_kernel[grid](
+        src, idx, dst,
+        shape[2], k, d,
+        src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+        *strides,
+        BLOCK_K=_BLOCK_K, BLOCK_D=triton.next_power_of_2(d), num_warps=_NUM_WARPS,
+    )
+
+
+def scatter_rows_static(src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[:, :, idx[k]] = src[:, :, k]`` with the positions ``idx`` [K] on ``src``'s device, never read by the host.
+
+    src [B, H, K, D] on the model's device; dst [B, H, S, D]: the store (pinned host memory written in place by the
+    GPU through its device address, or device memory). The launches depend on shapes only, so a CUDA graph captured
+    over one decode step replays the write at the next step's positions. Positions outside [0, S) write nothing on
+    CUDA (the runtime checks positions on the device); on the CPU ``index_copy_`` raises.
+    """
+    if src.device.type != "cuda":
+        dst.index_copy_(2, idx.to(dst.device), src.to(dst.device))
+        return
+    if dst.device == src.device:
+        dst.index_copy_(2, idx, src)
+        return
+    if not (HAS_TRITON and dst.is_pinned()):
+        raise RuntimeError("specache: the static decode path writes the host store from the GPU, which needs Triton "
+                           "and a pinned store; got " + ("no Triton" if not HAS_TRITON else "pageable host memory"))
+    with torch.cuda.device(src.device):
+        _scatter_rows_triton(src, idx, _HostPointer(dst), dst.shape, dst.stride())
+
+
+def gather_rows_static(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[b, h, k] = src[b, h, idx[b, h, k]]``, a zero row where ``idx`` is outside [0, S) (-1 pads), with no host
+    read of ``idx``: the static decode path's fetch (see :func:`scatter_rows_static` on capture). On CUDA the kernel
+    reads a pinned host ``src`` in place; src must outlive the launch (the store lives as long as its sequence)."""
+    if out.device.type != "cuda":
+        s, d = src.shape[2], src.shape[3]
+        i = idx.to(src.device)
+        valid = ((i >= 0) & (i < s)).unsqueeze(-1)
+        rows = src.gather(2, i.clamp(0, max(s - 1, 0)).unsqueeze(-1).expand(-1, -1, -1, d))
+        return out.copy_(torch.where(valid, rows, torch.zeros((), dtype=src.dtype)))
+    if not HAS_TRITON:
+        raise RuntimeError("specache: the static decode path needs Triton on CUDA")
+    with torch.cuda.device(out.device):
+        target = src if src.device == out.device else _HostPointer(src)
+        _gather_rows_triton(target, idx, out, src.shape, src.stride())
     return out

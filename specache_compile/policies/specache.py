@@ -79,6 +79,14 @@ class SpeCachePolicy(Policy):
                              f"{self.host_codec!r}; fix: host_codec='kvcomp' or leave it out")
         if self.host_codec is not None:
             self.new_host_codec()  # validates host_rel now, not at the first prefill
+        # the static decode path (policies/specache_static.py): fixed-capacity state, lengths on the device
+        self.static = opts.pop("static", False)
+        if not isinstance(self.static, bool):
+            raise ValueError(f"specache policy: policy_options['static'] expected True or False, got {self.static!r}")
+        if self.static:
+            from . import specache_static
+
+            specache_static.check_options(self)
         cake_keys = ("cake_window", "tau1", "tau2")
         self.cake = {"cake_window": 32, "tau1": 1.0, "tau2": 1.0}
         for key in cake_keys:
@@ -88,8 +96,8 @@ class SpeCachePolicy(Policy):
                     raise ValueError(f"specache policy: policy_options[{key!r}] expected a number > 0, got {value!r}")
                 self.cake[key] = value
         if opts:
-            raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of "
-                             f"{['hit_every', 'miss_rule', 'layer_budgets', 'host_codec', 'host_rel', *cake_keys]}")
+            known = ["hit_every", "miss_rule", "layer_budgets", "host_codec", "host_rel", "static", *cake_keys]
+            raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of {known}")
         self._prefs: dict[str, float] = {}  # site -> CAKE preference of its last prefill
         self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step
         self._cands: dict[str, int] = {}  # site -> candidate tokens after its prefill (the cap of its top-k)
@@ -328,6 +336,15 @@ class SpeCachePolicy(Policy):
         v_fp = torch.cat([t["sink_v"].view(lo, c_lo), v_f, v_cols] if sinks else [v_f, v_cols], dim=2)
         return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, torch.cat(pos, dim=2),
                                            bias, scale)
+
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        """The static decode path (policies/specache_static.py): the runtime calls it for every decode step of an
+        index-mode cache when policy_options['static'] is set."""
+        from . import specache_static
+
+        if "static" not in site.tier:
+            site.tier["static"] = specache_static.StaticState(self, site, bias.shape[-1])
+        return specache_static.decode(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
 
     def site_report(self, site):
         t = site.tier

@@ -152,9 +152,19 @@ class Runtime:
                     f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
                     "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
                 )
+            if getattr(self.policy, "static", False) and (sq == 1 or speculating):
+                raise CacheMismatch(
+                    f"specache: site {site_name}: policy_options['static'] decodes index-mode caches only (positions "
+                    "on the device, shapes fixed by the cache's capacity); this model's cache appends with "
+                    "torch.cat (DynamicCache). Fix: decode with a StaticCache (past_key_values=StaticCache(...)), or "
+                    "without static=True."
+                )
             start = site.length
             first = start + sn - base_len  # store position of base column 0 (> 0 for a sliding-window layer)
         elif (sq == 1 or speculating) and site is not None and site.length > 0:
+            if getattr(self.policy, "static", False):
+                return self._attend_static(site, q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop,
+                                           scale, n_real, speculating)
             # A decode step continues the sequence at the store's length: no host read of the positions (it would
             # sync once per layer per step). The check runs on the device; check_deferred() raises at the next
             # prefill, specache.stats() or the end of specache.generate.
@@ -182,6 +192,13 @@ class Runtime:
                     "tokens; expected the next position. Fix: re-prefill; specache does not rewind the store."
                 )
             first = 0
+        if site is not None and "static" in site.tier and site.length > 0 and not (mode == INDEX and (sq == 1 or
+                                                                                                  speculating)):
+            raise CacheMismatch(
+                f"specache: site {site_name} decodes with the static path (policy_options['static']), whose state is "
+                f"fixed for the sequence; got a {sq}-query call at position {site.length}. Fix: prefill the whole "
+                "prompt before the first decode step, and start a new sequence (position 0) for more."
+            )
         if not site.matches(k_new, v_new):
             raise CacheMismatch(
                 f"specache: site {site_name} was prefilled with batch {site.batch}, {site.heads} KV heads, "
@@ -247,6 +264,37 @@ class Runtime:
             self._measure(site, q, bias, p_lo, p_hi, scale, out)
         return out
 
+    def _attend_static(self, site, q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop, scale, n_real,
+                       speculating):
+        """A decode step through the policy's static path (policies/specache_static.py): every shape is fixed by the
+        cache's capacity (base_len) and the positions stay on the device. Host-side counters advance here; a CUDA
+        graph replay of the step would not run this code (the counters are reporting only)."""
+        lo, hi, step = slice(col_start, col_stop).indices(base_len)
+        if (lo, hi, step) != (0, base_len, 1):
+            raise CacheMismatch(
+                f"specache: site {site.name}: the static decode path attends the whole cache; this attention reads "
+                f"columns [{lo}, {hi}) of {base_len}. Fix: decode without policy_options['static'] for this model."
+            )
+        if not site.keep_full or site.codec is not None:
+            raise CacheMismatch(f"specache: site {site.name}: the static decode path needs the full-precision store")
+        if site.length >= base_len:
+            raise CacheMismatch(f"specache: site {site.name}: the cache holds {base_len} positions, all written; "
+                                "fix: a StaticCache with a larger max_cache_len")
+        sq = q.shape[2]
+        pos = write_pos.reshape(-1)
+        if mask is not None:
+            bias = ops.attention_bias(mask, False, sq, base_len, q.device)
+        else:  # causal over store positions: row i attends positions <= its own
+            cols = torch.arange(base_len, device=q.device)
+            bias = torch.where(cols <= pos[:, None], 0.0, float("-inf")).reshape(1, 1, sq, base_len)
+        out = self.policy.decode_static(site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
+        site._length += n_real
+        site.k.length = site.v.length = site._length
+        site.stats.decode_steps += n_real if speculating else 1
+        self._pos_bad = site.tier["s_bad"]  # persistent: check_deferred reads and clears it
+        self._pos_site = (site.name, site.length)
+        return out
+
     # -- speculative decoding and deferred checks -----------------------------------------------------------------
     @contextlib.contextmanager
     def stepping(self, mode: str):
@@ -275,7 +323,13 @@ class Runtime:
             return
         bad, (name, start) = self._pos_bad, self._pos_site
         self._pos_bad = None
-        if bool(bad):
+        failed = bool(bad)
+        for site in self.sites.values():  # the static path's flags are persistent device tensors: clear them
+            flag = site.tier.get("s_bad")
+            if flag is not None:
+                failed = failed or bool(flag)
+                flag.zero_()
+        if failed:
             raise CacheMismatch(
                 f"specache: a decode step since position {start} (first at site {name}) wrote its cache at other "
                 "positions than the next one; the tokens it produced attended to the wrong history. Fix: write the "

@@ -85,6 +85,13 @@ class Streams:
             s = self._side[device] = torch.cuda.Stream(device=device)
         return s
 
+    def join(self, device: torch.device) -> None:
+        """Make the current stream wait for everything issued on the side stream so far (a CUDA graph capture must end
+        with every stream it forked joined back)."""
+        s = self._side.get(device) if device.type == "cuda" else None
+        if s is not None:
+            torch.cuda.current_stream(device).wait_stream(s)
+
 
 @dataclass
 class PrefetchStats:

@@ -151,12 +151,23 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
             results["gather"][cid] = (src, idx, out, buf)
         except Exception as e:
             results["gather"][cid] = (src, idx, f"{type(e).__name__}: {e}", buf)
+    if shard == 0:  # the static decode path's write of new rows into the store at device positions
+        results["scatter"] = {}
+        for dt, d in ((torch.bfloat16, 128), (torch.float32, 80)):
+            src = torch.randn(2, 3, 2, d, generator=_gen(d + 2)).to(dt)
+            dst = torch.zeros(2, 3, 50, d, dtype=dt)
+            idx = torch.tensor([17, 49])
+            try:
+                qo._scatter_rows_triton(src, idx, dst, dst.shape, dst.stride())
+                results["scatter"][str(dt)] = (src, idx, dst)
+            except Exception as e:
+                results["scatter"][str(dt)] = (src, idx, f"{type(e).__name__}: {e}")
     torch.save(results, path)
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    return run_interpreted("test_triton_quant", tmp_path_factory.mktemp("interpreted"), ("quant", "gather"))
+    return run_interpreted("test_triton_quant", tmp_path_factory.mktemp("interpreted"), ("quant", "gather", "scatter"))
 
 
 def _assert_same(got, want):
@@ -198,6 +209,27 @@ def test_gather_matches_indexing(interpreted, cid):
     assert torch.equal(out, want)
     if buf is not None:  # nothing past K written
         assert torch.equal(buf[:, :, idx.shape[2] :], torch.zeros_like(buf[:, :, idx.shape[2] :]))
+
+
+@pytest.mark.parametrize("dt", ["torch.bfloat16", "torch.float32"])
+def test_scatter_writes_the_rows_at_the_positions(interpreted, dt):
+    src, idx, dst = interpreted["scatter"][dt]
+    if isinstance(dst, str):
+        raise AssertionError(f"the kernel raised {dst}")
+    want = torch.zeros_like(dst)
+    want[:, :, idx] = src
+    assert torch.equal(dst, want)
+
+
+def test_static_row_movers_on_cpu():
+    src = torch.randn(1, 2, 10, 8)
+    out = torch.full((1, 2, 3, 8), float("nan"))
+    qo.gather_rows_static(src, torch.tensor([[[1, -1, 9]], [[10, 0, 2]]]).reshape(1, 2, 3), out)
+    assert torch.equal(out[0, 0, 0], src[0, 0, 1]) and torch.equal(out[0, 0, 2], src[0, 0, 9])
+    assert not out[0, 0, 1].any() and not out[0, 1, 0].any()  # -1 and 10 (past the end): zero rows
+    dst = torch.zeros(1, 2, 10, 8)
+    qo.scatter_rows_static(src[:, :, :2], torch.tensor([4, 7]), dst)
+    assert torch.equal(dst[:, :, [4, 7]], src[:, :, :2]) and not dst[:, :, :4].any()
 
 
 def test_case_inputs_cover_the_layouts():

@@ -3,30 +3,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import hf_models
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_models  # noqa: E402
-
-import specache  # noqa: E402
-from specache_compile.runtime.runtime import SPECULATIVE, CacheMismatch  # noqa: E402
-from specache_compile.runtime.store import Site  # noqa: E402
-from specache_compile.runtime.streams import Prefetch, Streams, overlap_count  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-    torch.set_num_threads(threads)
+import specache
+from specache_compile.runtime.runtime import SPECULATIVE, CacheMismatch
+from specache_compile.runtime.store import Site
+from specache_compile.runtime.streams import Prefetch, Streams, overlap_count
 
 
 def _site(length=40, b=2, h=2, d=8):

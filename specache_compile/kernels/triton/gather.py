@@ -49,3 +49,29 @@ def gather_rows_kernel(
     x = tl.load(src, mask=row_mask, other=0.0)
     dst = out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_k[:, None] * stride_ok + offs_d[None, :] * stride_od
     tl.store(dst, x, mask=out_mask)
+
+
+@triton.jit
+def scatter_rows_kernel(
+    src_ptr, idx_ptr, dst_ptr,
+    S, K, D,
+    stride_sb, stride_sh, stride_sk, stride_sd,
+    stride_db, stride_dh, stride_ds, stride_dd,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dst[b, h, idx[k]] = src[b, h, k]: src [B, H, K, D]; idx [K] int64 positions shared by every (b, h); dst
+    # [B, H, S, D] (pinned host memory written in place over PCIe, or device memory). Positions outside [0, S) write
+    # nothing (the caller checks them on the device). grid (cdiv(K, BLOCK_K), H, B).
+    pid_k = tl.program_id(0)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    rows = tl.load(idx_ptr + offs_k, mask=k_mask, other=-1).to(tl.int64)
+    valid = k_mask & (rows >= 0) & (rows < S)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = valid[:, None] & (offs_d < D)[None, :]
+    src = src_ptr + pid_b * stride_sb + pid_h * stride_sh + offs_k[:, None] * stride_sk + offs_d[None, :] * stride_sd
+    x = tl.load(src, mask=m, other=0.0)
+    dst = dst_ptr + pid_b * stride_db + pid_h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :] * stride_dd
+    tl.store(dst, x, mask=m)

@@ -1,0 +1,274 @@
+"""SpeCache's decode step with fixed-capacity device state and every length on the device: the static decode path.
+
+Selected with ``policy_options={"static": True}`` on a model that decodes with a StaticCache (index-mode writes at
+``cache_position``). Why: the default path (policies/specache.py) sizes its tensors from host-side lengths (stored
+tokens, window, low-bit copy) that change every step, so the kernels a step launches change with it and a CUDA graph
+captured over one step cannot replay the next, and each step pays ~80 launches from Python per layer (issue notes,
+bench/results/host_profile_*). Here every tensor a decode step touches has a shape fixed for the sequence (the
+StaticCache's ``max_cache_len`` C) and every length is a device scalar, so consecutive steps launch the same kernels
+with the same arguments (tests/runtime/test_static.py compares the ops two consecutive steps dispatch); only the
+prefetch slot alternates, so two graphs (even and odd steps) cover a sequence. Capturing them is the caller's job
+(not done yet: see the issue notes).
+
+Device state per site, built at the first static step from what the prefill left (``setup``):
+
+- the KIVI copy at capacity: codes ``kq``, ``vq`` and value scales ``vs``, ``vz`` for ``Cq + G`` rows, key scales
+  ``ks``, ``kz`` for ``Cq / G + 1`` groups (``Cq``: C rounded up to whole groups of G). The last group is scratch:
+  the branch-free quantize step writes there when no group is due. Zero-initialised: a row never written dequantizes
+  to 0, never NaN, so a masked column contributes exactly nothing;
+- the window as a ring of ``R = window + G`` rows, token ``p`` at row ``p mod R`` (window must be a multiple of G,
+  so a group never wraps around the ring);
+- ``nq`` (tokens in the low-bit copy) and ``n`` (tokens stored): int64 device scalars;
+- the positions each of the two prefetch slots holds, ``[2, B, Hkv, k]`` (-1: nothing).
+
+A step (per layer): (1) the real token at position ``p`` (a device scalar, from the model's cache_position) goes to
+ring row ``p mod R`` and to the host store at ``p`` (a GPU write into pinned memory, kernels/quant_ops.py
+``scatter_rows_static``), ``n += 1``; (2) the ring's oldest group is quantized every step and written to the copy at
+``nq`` if the ring is full, else to the scratch group; ``nq += G`` if it was full; (3) scores of the ranking row over
+the whole copy (positions at or past ``nq`` masked), softmax together with the ring and the speculative column, GQA
+mean, top-k over ``[0, nq)``; (4) attention of every row over the copy with the fetched rows, the ring rows and the
+speculative column substituted in full precision (``lowbit_decode_attention``; ring rows holding nothing have
+position -1). Speculative steps rank with the speculative row and prefetch on the side stream for the next step, as
+the default path does; plain steps rank with the real row and fetch at once on the main stream.
+
+Not supported here (``ValueError`` when the policy is built): sinks, ``lowbit_remainder=False``,
+``miss_rule="fetch"``, the KVComp host codec, and a window that is not a multiple of ``group_size``. Prefetch hits
+are sampled every step when ``hit_every`` > 0 (a step counter would live on the host).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import ops
+from ..kernels.quant_ops import gather_rows_static, scatter_rows_static
+
+_NEG = float("-inf")
+
+
+def check_options(policy) -> None:
+    """Raise ValueError if the SpeCache policy's options need what the static path does not do."""
+    bad = []
+    if policy.sinks:
+        bad.append(f"sinks={policy.sinks} (expected 0)")
+    if not policy.lowbit_remainder:
+        bad.append("lowbit_remainder=False")
+    if policy.miss_rule != "lowbit":
+        bad.append(f"miss_rule={policy.miss_rule!r}")
+    if policy.host_codec is not None:
+        bad.append(f"host_codec={policy.host_codec!r}")
+    if policy.window % policy.group:
+        bad.append(f"window={policy.window} with group_size={policy.group} (expected a multiple of group_size)")
+    if bad:
+        raise ValueError("specache policy: policy_options['static']=True does not support " + ", ".join(bad)
+                         + "; fix: drop those options or decode without static=True")
+
+
+class StaticState:
+    """One site's fixed-capacity decode state (see the module docstring). Tensors live in ``site.tier`` under ``s_*``
+    names, so the device-tier byte count sees them."""
+
+    def __init__(self, policy, site, capacity: int) -> None:
+        t = site.tier
+        g, w = policy.group, policy.window
+        b, h, d, dv = site.batch, site.heads, site.head_dim, site.v_head_dim
+        dev, dt = site.device, site.dtype
+        self.capacity = capacity
+        self.cq = -(-capacity // g) * g  # whole groups covering [0, C)
+        self.ring = w + g
+        self.topk = min(policy.topk_of(site), capacity)  # a top-k over C columns picks at most C
+        self.cur = 0  # the prefetch slot this step reads (host-side: two graphs, one per parity, would capture both)
+        self.issued = [False, False]  # a fetch was launched into that slot
+        self.step = None  # (rows stored, speculative, rows fetched, bytes fetched) of the last step: see replayed()
+        self.events: list = []
+        nq, n = t["nq"], site.length
+        rows, groups = self.cq + g, self.cq // g + 1
+        z = dict(device=dev)
+        t["s_kq"] = torch.zeros((b, h, rows, d * policy.bits // 8), dtype=torch.uint8, **z)
+        t["s_ks"] = torch.zeros((b, h, groups, d), dtype=dt, **z)
+        t["s_kz"] = torch.zeros((b, h, groups, d), dtype=dt, **z)
+        t["s_vq"] = torch.zeros((b, h, rows, dv * policy.bits // 8), dtype=torch.uint8, **z)
+        nvg = dv // min(g, dv)
+        t["s_vs"] = torch.zeros((b, h, rows, nvg), dtype=dt, **z)
+        t["s_vz"] = torch.zeros((b, h, rows, nvg), dtype=dt, **z)
+        t["s_ring_k"] = torch.zeros((b, h, self.ring, d), dtype=dt, **z)
+        t["s_ring_v"] = torch.zeros((b, h, self.ring, dv), dtype=dt, **z)
+        if nq:
+            t["s_kq"][:, :, :nq] = t["kq"].view()
+            t["s_ks"][:, :, : nq // g] = t["ks"].view()
+            t["s_kz"][:, :, : nq // g] = t["kz"].view()
+            t["s_vq"][:, :, :nq] = t["vq"].view()
+            t["s_vs"][:, :, :nq] = t["vs"].view()
+            t["s_vz"][:, :, :nq] = t["vz"].view()
+        if n > nq:
+            slots = torch.arange(nq, n, device=dev) % self.ring
+            t["s_ring_k"].index_copy_(2, slots, t["win_k"].view())
+            t["s_ring_v"].index_copy_(2, slots, t["win_v"].view())
+        for name in ("kq", "ks", "kz", "vq", "vs", "vz", "win_k", "win_v"):
+            t.pop(name)  # the dynamic buffers: the static ones replace them for the rest of the sequence
+        t["s_nq"] = torch.tensor(nq, dtype=torch.int64, **z)
+        t["s_n"] = torch.tensor(n, dtype=torch.int64, **z)
+        t["s_bad"] = torch.zeros((), dtype=torch.bool, **z)  # a write position was not the next one
+        t["s_slot_idx"] = torch.full((2, b, h, self.topk), -1, dtype=torch.int64, **z)
+        # constants, allocated once (a graph replays their addresses)
+        t["s_group_off"] = torch.arange(g, **z)
+        t["s_scratch_rows"] = torch.arange(self.cq, self.cq + g, **z)
+        t["s_cols"] = torch.arange(capacity, **z)
+        t["s_ring_rows"] = torch.arange(self.ring, **z)
+        pf = t["prefetch"]
+        pf.slots_k.zero_()  # a slot row nobody fetched into is attended with weight 0: it must not hold a NaN
+        pf.slots_v.zero_()
+        if pf.rows < self.topk:
+            raise RuntimeError(f"specache: site {site.name}: prefetch slots of {pf.rows} rows for a top-k of "
+                               f"{self.topk}")
+        site.k.reserve(capacity)  # one allocation (and a sync if it grows): the store is written in place from now
+        site.v.reserve(capacity)
+
+
+def replayed(site, steps: int) -> None:
+    """Host-side bookkeeping for ``steps`` decode steps a CUDA graph replayed without running Python: each repeats
+    the last step this code ran (same kind, same sizes)."""
+    st: StaticState = site.tier["static"]
+    if st.step is None or steps <= 0:
+        return
+    n_real, speculating, rows, nbytes = st.step
+    site._length += n_real * steps
+    site.k.length = site.v.length = site._length
+    site.stats.decode_steps += (n_real if speculating else 1) * steps
+    site.stats.fetched_rows += rows * steps
+    site.stats.fetched_bytes += nbytes * steps
+    pf = site.tier["prefetch"]
+    if speculating:
+        pf.stats.issued += steps
+        pf.stats.consumed += steps
+    if steps % 2:
+        st.cur ^= 1
+
+
+def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+    """One static decode step of one layer. q [B, Hq, Sq, D]; k_new, v_new [B, Hkv, Sq, D]; pos [Sq] the new tokens'
+    cache positions (device); bias [B|1, 1|Hq, Sq, C] additive mask over store positions; n_real: how many leading
+    rows are stored (0 for SpeCache's pre-decoding row). Returns [B, Hq, Sq, Dv]."""
+    t = site.tier
+    st: StaticState = t["static"]
+    g, ring = policy.group, st.ring
+    b, hq, sq, d = q.shape
+    hkv = site.heads
+    dev = q.device
+    nq, n = t["s_nq"], t["s_n"]
+
+    # (1) append the real token; the write position must be the next one (checked on the device, raised later)
+    t["s_bad"] |= pos[0] != n
+    if n_real:
+        p = pos[:n_real]
+        t["s_ring_k"].index_copy_(2, p % ring, k_new[:, :, :n_real])
+        t["s_ring_v"].index_copy_(2, p % ring, v_new[:, :, :n_real])
+        scatter_rows_static(k_new[:, :, :n_real], p, site.k.data)
+        scatter_rows_static(v_new[:, :, :n_real], p, site.v.data)
+        n.add_(n_real)
+        # (2) quantize the ring's oldest group, kept only if the ring is full (branch-free: same launches every step)
+        full = (n - nq) >= ring
+        src = (nq % ring) + t["s_group_off"]
+        kq, ks, kz = ops.quantize_keys(t["s_ring_k"].index_select(2, src), policy.bits, g)
+        vq, vs, vz = ops.quantize_values(t["s_ring_v"].index_select(2, src), policy.bits, g)
+        rows = torch.where(full, nq + t["s_group_off"], t["s_scratch_rows"])
+        grp = torch.where(full, nq // g, st.cq // g).reshape(1)
+        t["s_kq"].index_copy_(2, rows, kq)
+        t["s_vq"].index_copy_(2, rows, vq)
+        t["s_vs"].index_copy_(2, rows, vs)
+        t["s_vz"].index_copy_(2, rows, vz)
+        t["s_ks"].index_copy_(2, grp, ks)
+        t["s_kz"].index_copy_(2, grp, kz)
+        nq.add_(full.long() * g)
+
+    # the ring's positions: row s holds nq + ((s - nq) mod R) if that is below n, else nothing (-1)
+    ring_pos = nq + (t["s_ring_rows"] - nq) % ring
+    ring_pos = torch.where(ring_pos < n, ring_pos, -1)
+    cols_k, cols_v, cols_pos = [t["s_ring_k"]], [t["s_ring_v"]], [ring_pos.expand(b, hkv, ring)]
+    if speculating:  # the speculative token: attended at its position, never stored
+        cols_k.append(k_new[:, :, -1:])
+        cols_v.append(v_new[:, :, -1:])
+        cols_pos.append(pos[-1:].expand(b, hkv, 1))
+    k_cols, v_cols, pos_cols = torch.cat(cols_k, 2), torch.cat(cols_v, 2), torch.cat(cols_pos, 2)
+
+    # (3) rank with the speculative row (or the real row of a plain step)
+    # the copy without its scratch group: [0, Cq) (rows) and [0, Cq / G) (key groups)
+    low = [t[name][:, :, : st.cq // g if name in ("s_ks", "s_kz") else st.cq]
+           for name in ("s_kq", "s_ks", "s_kz", "s_vq", "s_vs", "s_vz")]
+    r = sq - 1 if speculating else 0
+    top = _rank_rows(policy, site, st, q[:, :, r : r + 1], bias[..., r : r + 1, :], low, k_cols, pos_cols, scale)
+
+    pf = t["prefetch"]
+    if speculating:
+        # the rows the previous step's speculative row chose (a slot never filled reads as positions -1)
+        idx_now = t["s_slot_idx"][st.cur]
+        if st.issued[st.cur]:
+            # filled on the side stream: NOTE read-after-write across streams. Under CUDA graph capture the event
+            # belongs to an earlier graph (not capturable); generate joins the side stream at the end of every
+            # captured step instead, so the replays run in order.
+            if st.events and not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(dev).wait_event(st.events[st.cur])
+            pf.stats.consumed += 1
+            if policy.hit_every and sq > 1:
+                real = _rank_rows(policy, site, st, q[:, :, :1], bias[..., :1, :], low, k_cols, pos_cols, scale)
+                t["hits"] += (real.unsqueeze(-1) == idx_now.unsqueeze(-2)).any(-1).sum()
+                t["hit_total"] += real.numel()
+        k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
+        _issue(site, st, top)
+    else:
+        # plain step: fetch the real row's choice now, on the main stream, into the current slot
+        idx_now = t["s_slot_idx"][st.cur].copy_(top)
+        k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
+        gather_rows_static(site.k.data, idx_now, k_f)
+        gather_rows_static(site.v.data, idx_now, v_f)
+    site.stats.fetched_rows += idx_now.numel()
+    site.stats.fetched_bytes += k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
+    st.step = (n_real, speculating, idx_now.numel(), k_f.numel() * k_f.element_size() * 2)
+
+    # (4) attention over the copy, with the fetched rows, the ring and the speculative column substituted
+    fp_pos = torch.cat([idx_now, pos_cols], dim=2)
+    return ops.lowbit_decode_attention(q, *low, policy.bits, g, 0, torch.cat([k_f, k_cols], 2),
+                                       torch.cat([v_f, v_cols], 2), fp_pos, bias, scale)
+
+
+def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):
+    """Top-k positions [B, Hkv, k] for one query row qr [B, Hq, 1, D] with its bias br: scores over the copy
+    (positions at or past nq masked) and the full-precision columns, one softmax, GQA mean, top-k over [0, nq)
+    (-1 where fewer than k tokens are quantized). Step (3), and the real row's choice for hit sampling."""
+    t = site.tier
+    b, hq = qr.shape[:2]
+    hkv = site.heads
+    cap, nq = st.capacity, t["s_nq"]
+    low_logits = ops.lowbit_scores(qr, *low[:3], policy.bits, policy.group, scale)[..., :cap]
+    low_logits = low_logits + br + torch.where(t["s_cols"] < nq, 0.0, _NEG)
+    col_bias = br.expand(b, hq, 1, cap).gather(3, pos_cols.clamp(min=0).repeat_interleave(hq // hkv, 1).unsqueeze(2))
+    col_logits = ops.attention_logits(qr, k_cols, scale) + col_bias + torch.where(pos_cols >= 0, 0.0, _NEG) \
+        .repeat_interleave(hq // hkv, 1).unsqueeze(2)
+    probs = torch.softmax(torch.cat([low_logits, col_logits], dim=-1), dim=-1)[..., :cap]
+    probs = probs.reshape(b, hkv, hq // hkv, cap).mean(dim=2)
+    top = torch.topk(probs, st.topk, dim=-1, sorted=False).indices
+    return torch.where(top < nq, top, -1)
+
+
+def _issue(site, st: StaticState, top: torch.Tensor) -> None:
+    """Fetch rows ``top`` into the other slot (on the side stream where there is one); the next step reads it."""
+    t = site.tier
+    pf = t["prefetch"]
+    nxt = st.cur ^ 1
+    t["s_slot_idx"][nxt].copy_(top)
+    k_out, v_out = pf.slots_k[nxt, :, :, : st.topk], pf.slots_v[nxt, :, :, : st.topk]
+    side = site.streams.side(site.device)
+    if side is None:
+        gather_rows_static(site.k.data, t["s_slot_idx"][nxt], k_out)
+        gather_rows_static(site.v.data, t["s_slot_idx"][nxt], v_out)
+    else:
+        side.wait_stream(torch.cuda.current_stream(site.device))  # NOTE: positions and host writes ready
+        with torch.cuda.stream(side):
+            gather_rows_static(site.k.data, t["s_slot_idx"][nxt], k_out)
+            gather_rows_static(site.v.data, t["s_slot_idx"][nxt], v_out)
+        while len(st.events) < 2:
+            st.events.append(torch.cuda.Event())
+        st.events[nxt].record(side)
+    st.issued[nxt] = True
+    pf.stats.issued += 1
+    st.cur = nxt

@@ -1,0 +1,179 @@
+"""The static decode path (policies/specache_static.py), CPU: fixed-capacity state, positions on the device.
+
+What a CUDA graph needs from a decode step is that the next step launches the same kernels with the same arguments
+(shapes, scalars) and reads every length from device memory: ``test_consecutive_steps_dispatch_the_same_ops``
+checks exactly that on the ops the static path dispatches, across steps that do and do not quantize a group."""
+
+from __future__ import annotations
+
+import sys
+
+import hf_models
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import specache
+from specache_compile.policies import specache_static
+from specache_compile.runtime.runtime import CacheMismatch
+
+
+def _static_cache(model, n):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=n)
+
+
+def _compile(base, **kw):
+    opts = {"static": True, **kw.pop("policy_options", {})}
+    return specache.compile(hf_models.twin(base), window=16, group_size=16, policy_options=opts, **kw)
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_static_generate_equals_greedy_when_topk_covers_the_context(speculative):
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
+    ref = base.generate(ids, max_new_tokens=12, do_sample=False)[:, 60:]
+    m = _compile(base, topk=128)
+    out = specache.generate(m, ids, 12, speculative=speculative, past_key_values=_static_cache(m, 96))
+    assert torch.equal(out, ref)
+    st = next(iter(specache.stats(m)["store"].values()))
+    assert st["length"] == 60 + 11 and st["decode_steps"] == 11
+    if speculative:  # pre-decoding issues the first prefetch; each step consumes one and issues the next
+        assert (st["prefetch_issued"], st["prefetch_consumed"]) == (12, 11)
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_static_path_equals_the_dynamic_path(speculative):
+    """Same policy, same choices: the static path's top-k, ring and substitution reproduce the default path's
+    tokens (float64 model, a top-k far below the context, groups quantized during the decode)."""
+    base = hf_models.build("llama", layers=2).double()
+    ids = torch.randint(3, base.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for static in (False, True):
+        torch._dynamo.reset()
+        m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16,
+                             policy_options={"static": static, "hit_every": 1})
+        outs.append(specache.generate(m, ids, 40, speculative=speculative, past_key_values=_static_cache(m, 200)))
+        st = next(iter(specache.stats(m)["store"].values()))
+        assert st["length"] == 150 + 39
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_static_path_writes_the_store_at_the_device_positions():
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    m = _compile(base, topk=4)
+    specache.generate(m, ids, 10, past_key_values=_static_cache(m, 64))
+    rt = specache.runtime_of(m)
+    for site in rt.sites.values():
+        t = site.tier
+        assert int(t["s_n"]) == site.length == 49
+        # groups of 16 leave the ring once it holds window + group = 32 tokens: 49 - 32 = 17 -> one more group
+        assert int(t["s_nq"]) == 32
+        assert not bool(t["s_bad"])
+        # the ring holds positions [32, 49) at rows p mod 32, equal to the store's rows
+        for p in range(32, 49):
+            assert torch.equal(t["s_ring_k"][:, :, p % 32], site.k.data[:, :, p])
+
+
+def test_consecutive_steps_dispatch_the_same_ops():
+    """Every op the static path dispatches, with its shapes and scalar arguments, is the same at every step of one
+    parity (groups quantized or not): what a CUDA graph captured over one step needs to replay another. The two
+    parities differ only in the prefetch slot they read and fill."""
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(3))
+    m = _compile(base, topk=8)
+    traces: list[list] = []
+    real = specache_static.decode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            def sig(x):
+                if isinstance(x, torch.Tensor):
+                    return ("T", tuple(x.shape), x.dtype, tuple(x.stride()))
+                if isinstance(x, (list, tuple)):
+                    return tuple(sig(y) for y in x)
+                return x if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)) else repr(x)
+
+            traces[-1].append((str(func), sig(args), sig(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    def recording(policy, site, *a, **kw):
+        if site.name != next(iter(specache.runtime_of(m).sites)):
+            return real(policy, site, *a, **kw)
+        traces.append([])
+        with Record():
+            return real(policy, site, *a, **kw)
+
+    specache_static.decode = recording
+    try:
+        specache.generate(m, ids, 40, past_key_values=_static_cache(m, 128))
+    finally:
+        specache_static.decode = real
+    # trace 0 is pre-decoding (one row, nothing stored); then 39 [real, speculative] steps, 2 of which quantize a
+    # group (the ring of 32 is full at 80 and at 96 stored tokens)
+    steps = traces[1:]
+    assert len(steps) == 39 and len(steps[0]) > 20
+    for i, tr in enumerate(steps[2:], 2):  # the prefetch slots alternate: one graph per parity
+        assert tr == steps[i % 2], f"step {i} dispatched other ops than step {i % 2}"
+    # the two parities differ only in which slot they read and fill
+    diff = [(a, b) for a, b in zip(steps[0], steps[1]) if a != b]
+    assert len(steps[0]) == len(steps[1]) and diff
+    assert all(a[0] == b[0] == "aten.select.int" for a, b in diff)
+    rt = specache.runtime_of(m)
+    assert int(next(iter(rt.sites.values())).tier["s_nq"]) == 80  # groups did leave the ring during the decode
+
+
+def test_static_options_are_checked():
+    with pytest.raises(ValueError, match="does not support sinks=4"):
+        specache.Config(sinks=4, policy_options={"static": True})
+        specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), sinks=4, policy_options={"static": True})
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), window=24, group_size=16,
+                         policy_options={"static": True})
+    with pytest.raises(ValueError, match="expected True or False"):
+        specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), policy_options={"static": "yes"})
+
+
+def test_static_needs_an_index_mode_cache():
+    base = hf_models.build("llama", layers=1)
+    m = _compile(base, topk=4)
+    ids = torch.randint(3, base.config.vocab_size, (1, 30))
+    with pytest.raises(CacheMismatch, match="StaticCache"):
+        specache.generate(m, ids, 4)  # a DynamicCache
+
+
+def test_fixed_buffer_steps_equal_the_step_by_step_loop(monkeypatch):
+    """generate(cuda_graph=True)'s loop: one step over fixed input buffers that it advances on the device itself
+    (tokens, cache positions, position ids, output column). Run eagerly on CPU (capture is CUDA's), it must produce
+    the tokens and the store state of the ordinary loop."""
+    gen = sys.modules["specache_compile.generate"]  # the module (the package exports the function by this name)
+
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (2, 90), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second row
+    outs, stats = [], []
+    for graphed in (False, True):
+        torch._dynamo.reset()
+        m = _compile(base, topk=8, policy_options={"hit_every": 1})
+        if graphed:
+            monkeypatch.setattr(gen, "_check_graphable", lambda *a: None)  # CUDA is the only thing missing here
+        outs.append(specache.generate(m, ids, 20, attention_mask=mask, past_key_values=_static_cache(m, 128),
+                                      cuda_graph=graphed, suppress_tokens=[7]))
+        stats.append(next(iter(specache.stats(m)["store"].values())))
+    assert torch.equal(outs[0], outs[1])
+    assert not (outs[1] == 7).any()
+    for key in ("length", "decode_steps", "prefetch_issued", "prefetch_consumed", "prefetch_hits", "fetched_rows"):
+        assert stats[0][key] == stats[1][key], key
+
+
+def test_cuda_graph_refuses_what_it_cannot_capture():
+    base = hf_models.build("llama", layers=1)
+    ids = torch.randint(3, base.config.vocab_size, (1, 20))
+    m = specache.compile(hf_models.twin(base), topk=4)
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA") as e:
+        specache.generate(m, ids, 4, cuda_graph=True)
+    msg = str(e.value)
+    assert "expected a StaticCache" in msg and "without policy_options['static']=True" in msg
