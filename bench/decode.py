@@ -13,6 +13,8 @@ fetch time. Methods:
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
+- ``specache-static`` / ``specache-graph``: the static decode path (``policy_options={"static": True}``, a
+  StaticCache), eager / with its steps replayed as CUDA graphs (``specache.generate(cuda_graph=True)``);
 - any other registered policy name (``streaming``, ``snapkv``, ``quant``, ``kcache``, ``cake``, ``kvcomp``...), at a
   KV budget of ``--budget-frac`` of the context where the policy takes one.
 
@@ -198,12 +200,21 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                     opts = {"policy_options": {"budget": args.budget_frac}}
                 if method == "specache-cake":  # the composition: CAKE's budgets decide the per-layer top-k
                     opts = {"policy_options": {"layer_budgets": "cake"}}
+                if method in ("specache-static", "specache-graph"):  # fixed-capacity state (specache_static.py)
+                    opts = {"policy_options": {"static": True}}
                 specache.compile(m, policy=name, inner=args.inner, **opts)
                 compiled[key] = m
             m = compiled[key]
             runtime = specache.runtime_of(m)  # specache.compile attached it: on_step can start the fetch timer
-            spec = method in ("specache", "specache-cake")
-            specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step)
+            spec = method in ("specache", "specache-cake", "specache-static", "specache-graph")
+            extra = {}
+            if method in ("specache-static", "specache-graph"):
+                from transformers import StaticCache
+
+                extra["past_key_values"] = StaticCache(config=m.config, max_cache_len=ctx + total + 2)
+                extra["cuda_graph"] = method == "specache-graph"  # on CPU: the row records generate's refusal
+            specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step,
+                              **extra)
             mem = specache.memory(m)
             kv_dev, host = mem["device"], mem["host"]
             st = specache.stats(m)["store"]

@@ -385,9 +385,8 @@ def scatter_rows_static(src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor)
     if dst.device == src.device:
         dst.index_copy_(2, idx, src)
         return
-    if not (HAS_TRITON and dst.is_pinned()):
-        raise RuntimeError("specache: the static decode path writes the host store from the GPU, which needs Triton "
-                           "and a pinned store; got " + ("no Triton" if not HAS_TRITON else "pageable host memory"))
+    if not HAS_TRITON:  # (the store's pinning is checked once, when the static state is built)
+        raise RuntimeError("specache: the static decode path writes the host store from the GPU, which needs Triton")
     with torch.cuda.device(src.device):
         _scatter_rows_triton(src, idx, _HostPointer(dst), dst.shape, dst.stride())
 

@@ -123,6 +123,9 @@ class StaticState:
                                f"{self.topk}")
         site.k.reserve(capacity)  # one allocation (and a sync if it grows): the store is written in place from now
         site.v.reserve(capacity)
+        if dev.type == "cuda" and site.k.data.device.type == "cpu" and not site.k.data.is_pinned():
+            raise RuntimeError(f"specache: site {site.name}: the static decode path writes the host store from the "
+                               "GPU, which needs it pinned (Config.kv_home='host' on CUDA pins it)")
 
 
 def replayed(site, steps: int) -> None:
