@@ -43,17 +43,18 @@ def test_static_generate_equals_greedy_when_topk_covers_the_context(speculative)
         assert (st["prefetch_issued"], st["prefetch_consumed"]) == (12, 11)
 
 
-@pytest.mark.parametrize("speculative", [True, False])
-def test_static_path_equals_the_dynamic_path(speculative):
+@pytest.mark.parametrize("speculative, extra", [(True, {}), (False, {}), (True, {"layer_budgets": "cake"})])
+def test_static_path_equals_the_dynamic_path(speculative, extra):
     """Same policy, same choices: the static path's top-k, ring and substitution reproduce the default path's
-    tokens (float64 model, a top-k far below the context, groups quantized during the decode)."""
+    tokens (float64 model, a top-k far below the context, groups quantized during the decode), with CAKE's
+    per-layer top-k too."""
     base = hf_models.build("llama", layers=2).double()
     ids = torch.randint(3, base.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(1))
     outs = []
     for static in (False, True):
         torch._dynamo.reset()
         m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16,
-                             policy_options={"static": static, "hit_every": 1})
+                             policy_options={"static": static, "hit_every": 1, **extra})
         outs.append(specache.generate(m, ids, 40, speculative=speculative, past_key_values=_static_cache(m, 200)))
         st = next(iter(specache.stats(m)["store"].values()))
         assert st["length"] == 150 + 39
