@@ -33,7 +33,8 @@ the default path does; plain steps rank with the real row and fetch at once on t
 
 Not supported here (``ValueError`` when the policy is built): sinks, ``lowbit_remainder=False``,
 ``miss_rule="fetch"``, the KVComp host codec, and a window that is not a multiple of ``group_size``. Prefetch hits
-are sampled every step when ``hit_every`` > 0 (a step counter would live on the host).
+are sampled only with ``hit_every=1`` (every step): sampling every n-th step needs a step counter on the host, and
+sampling costs a second ranking per step, so the default (8) samples nothing here.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
             if st.events and not torch.cuda.is_current_stream_capturing():
                 torch.cuda.current_stream(dev).wait_event(st.events[st.cur])
             pf.stats.consumed += 1
-            if policy.hit_every and sq > 1:
+            if policy.hit_every == 1 and sq > 1:  # a second ranking per step: only when asked for every step
                 real = _rank_rows(policy, site, st, q[:, :, :1], bias[..., :1, :], low, k_cols, pos_cols, scale)
                 t["hits"] += (real.unsqueeze(-1) == idx_now.unsqueeze(-2)).any(-1).sum()
                 t["hit_total"] += real.numel()
