@@ -533,3 +533,28 @@ def test_inductor_inner_compiler_keeps_the_op():
         assert code.count("torch.ops.specache.attend.default(") == LAYERS, code[:2000]
         assert "scaled_dot_product" not in code
     assert_every_attention_rewritten(model, "gptfast_sdpa_index", prefill, steps)
+
+
+@pytest.mark.parametrize("topk", [64, 4])
+@torch.no_grad()
+def test_static_path_on_a_gptfast_module(topk):
+    """The static decode path (policy_options static=True) on a gpt-fast-style module: index-mode writes, a bool mask
+    over the whole buffer, one-token steps driven by hand. topk 64 covers the context: equal to eager; topk 4: equal
+    to the default path's output (the same selection, through fixed-capacity state)."""
+    prefill, steps = 40, 12
+    model, twin = _pair("gptfast_sdpa_index", "gqa")
+    dynamic = copy.deepcopy(twin)
+    opts = {"topk": topk, "window": 4, "group_size": 4}
+    specache.compile(model, policy="specache", policy_options={"static": True}, **opts)
+    toks = _tokens(prefill + steps)
+    ours = list(run_fast(model, toks, prefill, steps))
+    if topk >= prefill + steps:
+        want = list(run_fast(twin, toks, prefill, steps))
+    else:
+        torch._dynamo.reset()
+        specache.compile(dynamic, policy="specache", **opts)
+        want = list(run_fast(dynamic, toks, prefill, steps))
+    errs = [rel_err(a, b) for a, b in zip(ours, want)]
+    assert max(errs) < FP32_REL, f"step {errs.index(max(errs))}: rel err {max(errs):.3g}"
+    site = next(iter(specache.runtime_of(model).sites.values()))
+    assert "static" in site.tier and int(site.tier["s_n"]) == site.length == prefill + steps
