@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, in priority order, each step under its own time limit so a slow step cannot
+# eat the next one's time; logs and rows go to $OUT (at most 8 files come back: keep them few).
+#
+#   run: bash bench/gpu_session.sh [steps...]      steps: static tests kernels decode accuracy (default: all, in order)
+#
+# A device command runs 10 minutes at most: pass the steps that fit one call (limits below add up to it), e.g.
+#   call 1: static tests (12 min at most; 5-8 expected)   call 2: kernels decode   call 3: accuracy
+#
+# Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
+#   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip install -e . --no-deps -q >/dev/null 2>&1
+steps=${*:-static tests kernels decode accuracy}
+pytest_gpu() {  # name, time limit, pytest args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: rc=$? $(tail -1 "$OUT/$name.log")"
+}
+for step in $steps; do
+  case $step in
+    static)  # the static decode path and CUDA graphs: first, they have never run on a GPU
+      pytest_gpu gpu_static 300 tests/test_gpu.py -k "static or graph" ;;
+    tests)  # every other GPU test
+      pytest_gpu gpu_tests 420 tests/ -k "not static and not graph" ;;
+    kernels)
+      timeout 150 python bench/kernels.py --rep 60 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
+    decode)  # rows are written one by one: a cut run keeps the finished ones
+      timeout 540 python bench/decode.py --methods full specache-graph specache-static specache \
+        --contexts 8192 32768 131072 --extra 131072x4 --extra-methods full specache-graph \
+        --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager >"$OUT/decode.log" 2>&1
+      echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-160 ;;
+    accuracy)  # the full grid, rows per cell; heatmaps tarred (one file back)
+      mkdir -p bench/results/accuracy_gpu
+      timeout 540 python -m specache_compile.cli eval --policies baseline specache specache:bits=1 full quant \
+        streaming:budget=0.15 snapkv:budget=0.15 cake:budget=0.15 kcache kvcomp specache:layer_budgets=cake \
+        specache:host_codec=kvcomp --contexts 1024 2048 4096 8192 16384 --depths 0 0.25 0.5 0.75 1 --trials 2 \
+        --agree-tokens 256 --inner eager --out bench/results/accuracy_gpu/accuracy.jsonl \
+        >bench/results/accuracy_gpu/eval.log 2>&1
+      echo "accuracy: rc=$? rows=$(wc -l <bench/results/accuracy_gpu/accuracy.jsonl)"
+      tar czf "$OUT/accuracy_gpu.tgz" bench/results/accuracy_gpu ;;
+    *) echo "unknown step $step (expected: static tests kernels decode accuracy)"; exit 2 ;;
+  esac
+done
+ls "$OUT"
