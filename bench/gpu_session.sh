@@ -5,7 +5,7 @@
 #   run: bash bench/gpu_session.sh [steps...]      steps: static tests kernels decode accuracy (default: all, in order)
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (limits below add up to it), e.g.
-#   call 1: static tests (12 min at most; 5-8 expected)   call 2: kernels decode   call 3: accuracy
+#   call 1: static tests (9.5 min at most)   call 2: kernels decode   call 3: accuracy
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -23,9 +23,9 @@ pytest_gpu() {  # name, time limit, pytest args...
 for step in $steps; do
   case $step in
     static)  # the static decode path and CUDA graphs: first, they have never run on a GPU
-      pytest_gpu gpu_static 300 tests/test_gpu.py -k "static or graph" ;;
+      pytest_gpu gpu_static 240 tests/test_gpu.py -k "static or graph" ;;
     tests)  # every other GPU test
-      pytest_gpu gpu_tests 420 tests/ -k "not static and not graph" ;;
+      pytest_gpu gpu_tests 330 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 150 python bench/kernels.py --rep 60 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
     decode)  # rows are written one by one: a cut run keeps the finished ones
