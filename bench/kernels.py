@@ -205,6 +205,13 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
         return ops.topk_positions(p, args.topk)
 
     sel_t = rec.time("select_softmax_mean_topk", n, bits, B * HQ * nq * 4 + 2 * B * HKV * nq * 4, select, d2d, args.rep)
+    # the two-pass fused selection (kernels/triton/select.py), over the same scores and a window's 64 extra columns.
+    # Bytes: the scores read twice (2 * Hq * nq * 4); not yet what the policy runs.
+    extra = torch.zeros(B, HQ, 64, device="cuda")
+    from specache_compile.kernels.attn_ops import select_topk
+
+    rec.time("select_fused_two_pass", n, bits, 2 * B * HQ * nq * 4,
+             lambda: select_topk(scores.reshape(B, HQ, nq), extra, HQ // HKV, args.topk), d2d, args.rep)
 
     # lowbit_decode_attention over [0, nq) with topk fetched rows + the window as full-precision columns. Bytes: key and
     # value codes (2 * Hkv * nq * D * bits / 8) + key and value scale/zero (2 * 2 * Hkv * nq * D / group * 2) + the

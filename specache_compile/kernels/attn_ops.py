@@ -33,6 +33,7 @@ try:
         substitution_bitmap_kernel,
     )
     from .triton.score import lowbit_scores_kernel
+    from .triton.select import block_topk_kernel, row_stats_kernel
 
     HAS_TRITON = True
 except ImportError:  # keep `import specache` working without Triton: the reference ops below
@@ -568,3 +569,53 @@ def exact_attention(
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# select_topk: softmax + GQA mean + top-k, two passes (kernels/triton/select.py)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_SELECT_BLOCK = 1024  # columns per step of the row-stats loop
+_SELECT_COLS_PER_PART = 8192  # columns per row-stats program: 16 programs per head at 128K
+_SELECT_BLOCK_N = 2048  # positions per top-k block (one bitonic sort of this many int64 keys per program)
+
+
+def select_topk_reference(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> torch.Tensor:
+    """Positions [B, Hkv, k] (any order) of the k largest ``mean over each group of rep query heads of
+    softmax([logits, extra])[:S]``. logits [B, Hq, S] and extra [B, Hq, E] (columns that count in the softmax's
+    denominator only, e.g. the window), additive masks already applied (-inf = masked); Hq = Hkv * rep."""
+    b, hq, s = logits.shape
+    p = torch.softmax(torch.cat([logits, extra], dim=-1).float(), dim=-1)[..., :s]
+    p = p.reshape(b, hq // rep, rep, s).mean(dim=2)
+    return torch.topk(p, k, dim=-1, sorted=False).indices
+
+
+def select_topk(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> torch.Tensor:
+    """:func:`select_topk_reference`; on CUDA with Triton, two kernels and a small ``torch.topk`` over the blocks'
+    candidates (kernels/triton/select.py). Ties go to the larger position there. Not wired into the policies yet:
+    bench/kernels.py measures it against the unfused selection first."""
+    b, hq, s = logits.shape
+    if not (HAS_TRITON and (logits.is_cuda or _interpreted())) or not 0 < k <= min(s, _SELECT_BLOCK_N) or hq % rep:
+        return select_topk_reference(logits, extra, rep, k)
+    hkv, e = hq // rep, extra.shape[-1]
+    parts = triton.cdiv(s, _SELECT_COLS_PER_PART)
+    chunk = triton.cdiv(s, parts)
+    part = torch.empty((b, hq, parts, 2), dtype=torch.float32, device=logits.device)
+    wrap = (lambda kern: kern) if _interpreted() else wrap_triton
+    wrap(row_stats_kernel)[(parts, hq, b)](
+        logits, extra, part, s, e, chunk,
+        logits.stride(0), logits.stride(1), logits.stride(2),
+        extra.stride(0), extra.stride(1), extra.stride(2),
+        parts, BLOCK=min(_SELECT_BLOCK, triton.next_power_of_2(max(s, e, 1))),
+    )
+    block_n = max(triton.next_power_of_2(k), min(_SELECT_BLOCK_N, triton.next_power_of_2(s)))
+    n_blocks = triton.cdiv(s, block_n)
+    cand_val = torch.empty((b, hkv, n_blocks, k), dtype=torch.float32, device=logits.device)
+    cand_idx = torch.empty((b, hkv, n_blocks, k), dtype=torch.int64, device=logits.device)
+    wrap(block_topk_kernel)[(n_blocks, hkv, b)](
+        logits, part, cand_val, cand_idx, s, parts, hq,
+        logits.stride(0), logits.stride(1), logits.stride(2),
+        REP=rep, K=k, BLOCK_N=block_n, BLOCK_P=max(2, triton.next_power_of_2(parts)),
+    )
+    top = torch.topk(cand_val.reshape(b, hkv, -1), k, dim=-1, sorted=False).indices
+    return cand_idx.reshape(b, hkv, -1).gather(-1, top)
