@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import ops
+from ..kernels.attn_ops import select_topk
 from ..kernels.quant_ops import gather_rows_static, scatter_rows_static
 
 _NEG = float("-inf")
@@ -248,9 +249,8 @@ def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):
     col_bias = br.expand(b, hq, 1, cap).gather(3, pos_cols.clamp(min=0).repeat_interleave(hq // hkv, 1).unsqueeze(2))
     col_logits = ops.attention_logits(qr, k_cols, scale) + col_bias + torch.where(pos_cols >= 0, 0.0, _NEG) \
         .repeat_interleave(hq // hkv, 1).unsqueeze(2)
-    probs = torch.softmax(torch.cat([low_logits, col_logits], dim=-1), dim=-1)[..., :cap]
-    probs = probs.reshape(b, hkv, hq // hkv, cap).mean(dim=2)
-    top = torch.topk(probs, st.topk, dim=-1, sorted=False).indices
+    # one softmax over [copy, columns], mean over each GQA group, top-k over the copy: two Triton passes on CUDA
+    top = select_topk(low_logits[:, :, 0], col_logits[:, :, 0], hq // hkv, st.topk)
     return torch.where(top < nq, top, -1)
 
 
