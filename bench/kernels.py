@@ -133,6 +133,11 @@ def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> lis
     sdpa = rec.time("sdpa_bf16_cache", n, None, kv_bytes, lambda: F.scaled_dot_product_attention(qg, k, v, scale=scale),
                     d2d, args.rep)
 
+    # SDPA as a model calls it with enable_gqa (32 query heads over 8 KV heads, one query row each), the backend
+    # torch picks; the brief reports ~200 us for SDPA decode at 128K on this GPU.
+    rec.time("sdpa_enable_gqa_bf16_cache", n, None, kv_bytes,
+             lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True), d2d, args.rep)
+
     def eager():
         # the same attention as three cuBLAS/torch kernels (GEMV-shaped matmuls read K and V at full bandwidth, where
         # SDPA's fused kernels run one program per (head, query block) and leave most SMs idle at decode shapes).
