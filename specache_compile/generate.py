@@ -255,7 +255,6 @@ def _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, n_ste
         pos_ids.add_(1)
         _drop_last(cache)  # the speculative token leaves the model's cache (a device counter on 5.2x StaticLayers)
 
-    i = 0
     if not capture:
         for i in range(n_steps):
             step()

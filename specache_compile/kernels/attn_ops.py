@@ -602,8 +602,7 @@ def select_topk(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> 
     parts = triton.cdiv(s, _SELECT_COLS_PER_PART)
     chunk = triton.cdiv(s, parts)
     part = torch.empty((b, hq, parts, 2), dtype=torch.float32, device=logits.device)
-    wrap = (lambda kern: kern) if _interpreted() else wrap_triton
-    wrap(row_stats_kernel)[(parts, hq, b)](
+    wrap_triton(row_stats_kernel)[(parts, hq, b)](
         logits, extra, part, s, e, chunk,
         logits.stride(0), logits.stride(1), logits.stride(2),
         extra.stride(0), extra.stride(1), extra.stride(2),
@@ -613,7 +612,7 @@ def select_topk(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> 
     n_blocks = triton.cdiv(s, block_n)
     cand_val = torch.empty((b, hkv, n_blocks, k), dtype=torch.float32, device=logits.device)
     cand_idx = torch.empty((b, hkv, n_blocks, k), dtype=torch.int64, device=logits.device)
-    wrap(block_topk_kernel)[(n_blocks, hkv, b)](
+    wrap_triton(block_topk_kernel)[(n_blocks, hkv, b)](
         logits, part, cand_val, cand_idx, s, parts, hq,
         logits.stride(0), logits.stride(1), logits.stride(2),
         REP=rep, K=k, BLOCK_N=block_n, BLOCK_P=max(2, triton.next_power_of_2(parts)),

@@ -137,9 +137,7 @@ def replayed(site, steps: int) -> None:
     if st.step is None or steps <= 0:
         return
     n_real, speculating, rows, nbytes = st.step
-    site._length += n_real * steps
-    site.k.length = site.v.length = site._length
-    site.stats.decode_steps += (n_real if speculating else 1) * steps
+    site.count_static_steps(n_real, speculating, steps)
     site.stats.fetched_rows += rows * steps
     site.stats.fetched_bytes += nbytes * steps
     pf = site.tier["prefetch"]

@@ -288,9 +288,7 @@ class Runtime:
             cols = torch.arange(base_len, device=q.device)
             bias = torch.where(cols <= pos[:, None], 0.0, float("-inf")).reshape(1, 1, sq, base_len)
         out = self.policy.decode_static(site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
-        site._length += n_real
-        site.k.length = site.v.length = site._length
-        site.stats.decode_steps += n_real if speculating else 1
+        site.count_static_steps(n_real, speculating)
         self._pos_bad = site.tier["s_bad"]  # persistent: check_deferred reads and clears it
         self._pos_site = (site.name, site.length)
         return out
@@ -323,12 +321,14 @@ class Runtime:
             return
         bad, (name, start) = self._pos_bad, self._pos_site
         self._pos_bad = None
+        # the static path's flags are persistent device tensors: folded in on the device (one host read for all),
+        # then cleared
+        flags = [site.tier["s_bad"] for site in self.sites.values() if "s_bad" in site.tier]
+        for flag in flags:
+            bad = bad | flag
         failed = bool(bad)
-        for site in self.sites.values():  # the static path's flags are persistent device tensors: clear them
-            flag = site.tier.get("s_bad")
-            if flag is not None:
-                failed = failed or bool(flag)
-                flag.zero_()
+        for flag in flags:
+            flag.zero_()
         if failed:
             raise CacheMismatch(
                 f"specache: a decode step since position {start} (first at site {name}) wrote its cache at other "

@@ -76,6 +76,14 @@ class Site:
             self.v.write(start, v_new)
         self._length = max(self._length, start + k_new.shape[2])
 
+    def count_static_steps(self, stored: int, speculating: bool, steps: int = 1) -> None:
+        """Host-side counters of ``steps`` decode steps whose rows the static path wrote at device positions (the
+        store's rows are already there): ``stored`` rows each, one decode step per stored row when speculating (as
+        the dynamic path counts), else one per call."""
+        self._length += stored * steps
+        self.k.length = self.v.length = self._length
+        self.stats.decode_steps += (stored if speculating else 1) * steps
+
     def truncate(self, n: int) -> None:
         self.k.length = min(self.k.length, n)
         self.v.length = min(self.v.length, n)
