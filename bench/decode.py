@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -134,7 +135,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
 
     def on_step(i):
         clock.mark()
-        if runtime is not None and i == args.warmup + args.steps:
+        if runtime is not None and args.timed_fetch and i == args.warmup + args.steps:
             runtime.streams.timer = FetchTimer()  # the last timed_fetch steps record fetch spans
         if cuda and args.profile_steps:
             # after the fetch-timed steps: a profiler over a few steps gives the GPU busy time per step, i.e. what
@@ -401,6 +402,7 @@ def main(argv=None) -> int:
                 row = {"bench": "decode", "method": method, "context": ctx, "batch": batch, "oom": True,
                        "error": str(e).splitlines()[0][:200], "step_ms": None}
             except Exception as e:  # one failing row must not lose the others; its error is the row
+                traceback.print_exc()
                 row = {"bench": "decode", "method": method, "context": ctx, "batch": batch, "oom": False,
                        "error": f"{type(e).__name__}: {e}"[:400], "step_ms": None}
             row.update(env)
