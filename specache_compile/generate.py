@@ -116,6 +116,10 @@ def generate(
     try:
         runtime = runtime_of(model)
         runtime.capacity_hint = s + max_new_tokens + 1  # the host store is allocated once, pinned, at this size
+        if getattr(runtime.policy, "static", False):
+            # the static path writes the store by cache position, up to the StaticCache's capacity: allocate that
+            # up front (reserving it later grew the store by a quarter, and the pinned allocator keeps the old block)
+            runtime.capacity_hint = max(runtime.capacity_hint, _capacity(past_key_values) or 0)
     except ValueError:  # torch.compile(backend="specache"): the runtime appears with the first call
         pass
     logits = None

@@ -73,6 +73,9 @@ def test_static_path_writes_the_store_at_the_device_positions():
         # groups of 16 leave the ring once it holds window + group = 32 tokens: 49 - 32 = 17 -> one more group
         assert int(t["s_nq"]) == 32
         assert not bool(t["s_bad"])
+        # one host allocation at the StaticCache's capacity (it used to be allocated at the prompt + new tokens and
+        # then grown by a quarter to the capacity: two pinned blocks per store on CUDA)
+        assert site.k.data.shape[2] == site.v.data.shape[2] == 64
         # the ring holds positions [32, 49) at rows p mod 32, equal to the store's rows
         for p in range(32, 49):
             assert torch.equal(t["s_ring_k"][:, :, p % 32], site.k.data[:, :, p])
