@@ -168,3 +168,31 @@ def test_cuda_static_decode_has_no_host_sync():
         _static_run(m, ids, 12, 1600, on_step=on_step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_store_writes_and_reads_do_not_wait_for_the_gpu():
+    """A store write from the GPU (one row: the scatter kernel; 600 rows: per-slab copies) and a range read back go
+    through pinned memory asynchronously: with a sleep kernel queued first, the calls return while it still runs, and
+    the rows are right once the device is done. (copy_ into the non-contiguous range view staged through pageable
+    memory and returned only after the device had drained: kernels/quant_ops.py.)"""
+    from specache_compile.kernels import quant_ops
+    from specache_compile.runtime.buffers import Growable
+
+    g = Growable((2, 8), (128,), torch.bfloat16, "cpu", pin=True, capacity=4096)
+    g.append(torch.zeros(2, 8, 1000, 128, dtype=torch.bfloat16, device="cuda"))
+    one, many = (torch.randn(2, 8, n, 128, device="cuda").bfloat16() for n in (1, 600))
+    g.write(1000, one)  # the scatter kernel's first launch compiles: before the timed part
+    g.read(0, 8, torch.device("cuda"))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of device time at H100 clocks
+    g.write(1001, one)
+    paths = [quant_ops.WRITE_PATH]
+    g.write(1002, many)
+    paths.append(quant_ops.WRITE_PATH)
+    got = g.read(1000, 1602, torch.device("cuda"))
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert paths == ["scatter", "slabs"], (paths, quant_ops.SCATTER_UVA_ERROR)
+    assert still_busy, "a store write or read waited for the device"
+    want = torch.cat([one, one, many], dim=2)
+    assert torch.equal(got, want) and torch.equal(g.view(1000, 1602), want.cpu())

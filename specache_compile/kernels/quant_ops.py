@@ -11,6 +11,7 @@ Without Triton (``import triton`` fails) every op is the reference behind ``torc
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 
 import torch
@@ -350,6 +351,82 @@ def gather_rows(
             log.warning("gather_rows: zero-copy launch failed (%s); gathering on the host and copying", UVA_ERROR)
     _gather_host_copy(src, idx, out)
     GATHER_PATH = "host_copy"
+    return out
+
+
+# -- contiguous row ranges between a pinned host store and the GPU ----------------------------------------------------
+#
+# A range [lo, hi) of a store [B, H, S, D] is a view with B * H contiguous slabs of (hi - lo) rows, S * D elements
+# apart: not contiguous as a whole once B * H > 1. torch's copy_ between CPU and CUDA needs both sides contiguous, and
+# otherwise stages the host side through a *pageable* temporary (aten/src/ATen/native/cuda/Copy.cu,
+# copy_requires_temporaries): device -> pageable cudaMemcpyAsync returns only once the copy is done (so every store
+# write waited for the GPU to drain its queue), host -> device runs at pageable speed after a CPU-side gather (8 vs 54
+# GB/s measured on the H100). The two movers below keep both directions asynchronous and on the pinned path.
+# Which path the last write_rows_to_host took ("slabs", "scatter", "copy"), for tests and benchmarks.
+WRITE_PATH = "none"
+SCATTER_UVA_ERROR: str | None = None  # why the scatter kernel's UVA launch failed, once it has (not retried)
+_SLAB_ROWS = 256  # from this many rows per slab one DMA copy per slab; fewer: one scatter kernel writing through UVA
+
+
+def _async_host_path(gpu: torch.device, host: torch.device, pinned: bool) -> bool:
+    """Where copy_ would stage through pageable memory and the movers below do not: a CUDA tensor on one side, pinned
+    host memory on the other (tests patch this to run the movers' CPU-side logic)."""
+    return gpu.type == "cuda" and host.type == "cpu" and pinned
+
+
+def _slab_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t [B, H, n, D] as [B * H, n, D] with every [n, D] slab contiguous, or None when t is not laid out so."""
+    if t.dim() != 4 or t.stride(3) != 1 or t.stride(2) != t.shape[3] or t.stride(0) != t.shape[1] * t.stride(1):
+        return None
+    return t.flatten(0, 1)
+
+
+def write_rows_to_host(x: torch.Tensor, store: torch.Tensor, start: int, pinned: bool) -> None:
+    """``store[:, :, start:start + n] = x`` for x [B, H, n, D] on the GPU and ``store`` [B, H, S, D] in pinned host
+    memory (``pinned``), without a host sync: few rows -> one scatter kernel writing the pinned memory through its
+    device address (the static path's writer); more -> one DMA copy per (b, h) slab. Ordered on the current stream.
+    Any other combination (CPU tensors, pageable memory, a contiguous range) is a plain ``copy_``."""
+    global WRITE_PATH, SCATTER_UVA_ERROR
+    n = x.shape[2] if x.dim() == 4 else 0
+    dst = store.narrow(2, start, n) if store.dim() == 4 else None
+    if dst is None or not _async_host_path(x.device, store.device, pinned) or dst.is_contiguous():
+        target = dst if dst is not None else store
+        target.copy_(x, non_blocking=x.is_cuda and pinned)
+        WRITE_PATH = "copy"
+        return
+    x = x.contiguous()
+    if n < _SLAB_ROWS and HAS_TRITON and SCATTER_UVA_ERROR is None:
+        try:
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                idx = torch.arange(start, start + n, device=x.device)
+                _scatter_rows_triton(x, idx, _HostPointer(store), store.shape, store.stride())
+            WRITE_PATH = "scatter"
+            return
+        except Exception as e:  # the launcher refused the pointer: DMA copies from now on
+            SCATTER_UVA_ERROR = f"{type(e).__name__}: {e}"
+            log.warning("write_rows_to_host: zero-copy scatter failed (%s); one copy per slab", SCATTER_UVA_ERROR)
+    slabs, xs = _slab_view(dst), x.flatten(0, 1)
+    if slabs is None:
+        dst.copy_(x, non_blocking=True)
+        WRITE_PATH = "copy"
+        return
+    for i in range(xs.shape[0]):
+        slabs[i].copy_(xs[i], non_blocking=True)
+    WRITE_PATH = "slabs"
+
+
+def read_rows_from_host(view: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """A range view [B, H, n, D] of a host store on ``device`` (a new contiguous tensor). From pinned memory to CUDA:
+    one asynchronous DMA copy per (b, h) slab, ordered on the current stream (the caller's consumers run there);
+    otherwise ``view.to(device)``."""
+    device = torch.device(device)
+    slabs = _slab_view(view) if _async_host_path(device, view.device, pinned) else None
+    if slabs is None or view.is_contiguous():
+        return view.to(device, non_blocking=pinned and device.type == "cuda")
+    out = torch.empty(view.shape, dtype=view.dtype, device=device)
+    flat = out.flatten(0, 1)
+    for i in range(flat.shape[0]):
+        flat[i].copy_(slabs[i], non_blocking=True)
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import quant_ops
+
 
 class Growable:
     def __init__(
@@ -49,20 +51,22 @@ class Growable:
             new.narrow(self.seq_dim, 0, self.length).copy_(self.view())
         self.data = new
 
-    def _copy_in(self, dst: torch.Tensor, x: torch.Tensor) -> None:
+    def _copy_in(self, start: int, x: torch.Tensor) -> None:
         if x.is_cuda and self.pin:
             # device -> pinned host without blocking the host: ordered on the current stream before every later
-            # reader on it (and before the stream manager's side stream, which waits for it before a fetch).
-            dst.copy_(x, non_blocking=True)
+            # reader on it (and before the stream manager's side stream, which waits for it before a fetch). Not
+            # copy_ into the range view: for B * H > 1 it is not contiguous, and torch would stage it through
+            # pageable memory, which blocks the host until the GPU has drained (kernels/quant_ops.py).
+            quant_ops.write_rows_to_host(x, self.data, start, pinned=True)
             self._inflight = True
         else:
-            dst.copy_(x)
+            self.data.narrow(self.seq_dim, start, x.shape[self.seq_dim]).copy_(x)
 
     def append(self, x: torch.Tensor) -> None:
         # x: [*prefix, n, *row]
         n = x.shape[self.seq_dim]
         self.reserve(self.length + n)
-        self._copy_in(self.data.narrow(self.seq_dim, self.length, n), x)
+        self._copy_in(self.length, x)
         self.length += n
 
     def write(self, start: int, x: torch.Tensor) -> None:
@@ -70,13 +74,18 @@ class Growable:
         assert start <= self.length, (start, self.length)
         n = x.shape[self.seq_dim]
         self.reserve(start + n)
-        self._copy_in(self.data.narrow(self.seq_dim, start, n), x)
+        self._copy_in(start, x)
         self.length = max(self.length, start + n)
 
     def view(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         hi = self.length if hi is None else hi
         assert 0 <= lo <= hi <= self.length, (lo, hi, self.length)
         return self.data.narrow(self.seq_dim, lo, hi - lo)
+
+    def read(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """Rows [lo, hi) on ``device``, a new tensor (or the view itself on the buffer's device); from pinned memory
+        to CUDA asynchronously, on the current stream."""
+        return quant_ops.read_rows_from_host(self.view(lo, hi), device, pinned=self.pin)
 
     def clear(self) -> None:
         self.length = 0

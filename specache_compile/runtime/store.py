@@ -68,7 +68,7 @@ class Site:
         )
 
     def write(self, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        # NOTE: a synchronous device->host copy. The stream manager (runtime/streams.py) moves it to a side stream.
+        # From the GPU to pinned memory: asynchronous, on the current stream (kernels/quant_ops.write_rows_to_host).
         if self.codec is not None:
             self.codec.write(start, k_new, v_new)
         if self.keep_full:
@@ -102,8 +102,8 @@ class Site:
             k, v = self.codec.fetch_range(lo, hi, self.dtype, self.device, self.batch, self.heads)
             self._count(k, v)
             return k, v
-        k = self.k.view(lo, hi).to(self.device, non_blocking=False)
-        v = self.v.view(lo, hi).to(self.device, non_blocking=False)
+        k = self.k.read(lo, hi, self.device)
+        v = self.v.read(lo, hi, self.device)
         self._count(k, v)
         return k, v
 
