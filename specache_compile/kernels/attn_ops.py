@@ -576,8 +576,22 @@ def exact_attention(
 # ----------------------------------------------------------------------------------------------------------------------
 
 _SELECT_BLOCK = 1024  # columns per step of the row-stats loop
-_SELECT_COLS_PER_PART = 8192  # columns per row-stats program: 16 programs per head at 128K
-_SELECT_BLOCK_N = 2048  # positions per top-k block (one bitonic sort of this many int64 keys per program)
+# Both passes are latency-bound at short contexts: at 8K with 8192 columns per row-stats program and 2048-position
+# top-k blocks, each pass ran 32 programs on the H100's 132 SMs (70 us for the two at 8K, 136 us at 128K:
+# bench/results/kernels_54a1f0c.log). Smaller pieces: 256 programs per pass at 8K (Llama-3-8B shape, k = 64).
+_SELECT_COLS_PER_PART = 2048  # columns per row-stats program
+_SELECT_BLOCK_N = 2048  # the largest top-k block (one bitonic sort of this many int64 keys per program)
+
+
+_SELECT_MAX_CANDIDATES = 8192  # per KV head, for the final torch.topk over the blocks' candidates
+
+
+def _select_block_n(k: int, s: int) -> int:
+    """Positions per top-k block: 4 * k rounded up to a power of two, at least 256, and large enough that the blocks'
+    candidates (k each) stay within _SELECT_MAX_CANDIDATES; at most _SELECT_BLOCK_N, no more than the positions there
+    are, never fewer than k."""
+    want = max(256, 4 * triton.next_power_of_2(k), triton.next_power_of_2(-(-s * k // _SELECT_MAX_CANDIDATES)))
+    return max(triton.next_power_of_2(k), min(_SELECT_BLOCK_N, want, triton.next_power_of_2(s)))
 
 
 def select_topk_reference(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> torch.Tensor:
@@ -608,7 +622,7 @@ def select_topk(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> 
         extra.stride(0), extra.stride(1), extra.stride(2),
         parts, BLOCK=min(_SELECT_BLOCK, triton.next_power_of_2(max(s, e, 1))),
     )
-    block_n = max(triton.next_power_of_2(k), min(_SELECT_BLOCK_N, triton.next_power_of_2(s)))
+    block_n = _select_block_n(k, s)
     n_blocks = triton.cdiv(s, block_n)
     cand_val = torch.empty((b, hkv, n_blocks, k), dtype=torch.float32, device=logits.device)
     cand_idx = torch.empty((b, hkv, n_blocks, k), dtype=torch.int64, device=logits.device)

@@ -81,3 +81,12 @@ def test_gpu_select_topk_at_llama_shapes(s):
     x = torch.randn(1, 32, s, device="cuda", generator=g) * 4
     ex = torch.randn(1, 32, 65, device="cuda", generator=g)
     _same_sets(ao.select_topk(x, ex, 4, 64).cpu(), ao.select_topk_reference(x, ex, 4, 64).cpu())
+
+
+@pytest.mark.parametrize("k, s, want", [(64, 8192, 256), (64, 32768, 256), (64, 131072, 1024), (256, 32768, 1024),
+                                        (256, 131072, 2048), (2048, 131072, 2048), (64, 100, 128), (8, 300, 256)])
+def test_select_block_sizes(k, s, want):
+    """Blocks of 4 k positions, at least 256, enough that the final top-k sees at most 8192 candidates per KV head,
+    at most _SELECT_BLOCK_N and never more than the columns there are; never fewer than k (each block holds its k
+    candidates)."""
+    assert ao._select_block_n(k, s) == want
