@@ -16,7 +16,10 @@ fetch time. Methods:
 - ``specache-static`` / ``specache-graph``: the static decode path (``policy_options={"static": True}``, a
   StaticCache), eager / with its steps replayed as CUDA graphs (``specache.generate(cuda_graph=True)``);
 - any other registered policy name (``streaming``, ``snapkv``, ``quant``, ``kcache``, ``cake``, ``kvcomp``...), at a
-  KV budget of ``--budget-frac`` of the context where the policy takes one.
+  KV budget of ``--budget-frac`` of the context where the policy takes one;
+- any of these but ``full`` / ``hf-offloaded`` with overrides after a colon, as in the eval harness:
+  ``specache-graph:bits=1`` (Config fields), ``specache-graph:hit_every=1`` (policy options; the static path samples
+  prefetch hits only then).
 
 One JSON line per row to bench/results/decode.jsonl; PNG plots next to it (step time and device memory vs context).
 A row that runs out of memory is written with ``oom: true``.
@@ -193,6 +196,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             host = cache_bytes(cache, "cpu")
         else:
             key = method
+            # "specache-graph:bits=1" -> the method, with Config / policy_options overrides (the eval harness's syntax)
+            method, overrides = _split_method(method)
             if key not in compiled:
                 m = shared_copy(base)
                 name = "specache" if method.startswith("specache") else method
@@ -203,6 +208,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                     opts = {"policy_options": {"layer_budgets": "cake"}}
                 if method in ("specache-static", "specache-graph"):  # fixed-capacity state (specache_static.py)
                     opts = {"policy_options": {"static": True}}
+                opts = {**opts, **overrides, "policy_options": {**opts.get("policy_options", {}),
+                                                                **overrides.get("policy_options", {})}}
                 specache.compile(m, policy=name, inner=args.inner, **opts)
                 compiled[key] = m
             m = compiled[key]
@@ -271,6 +278,13 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
     return row
+
+
+def _split_method(method: str) -> tuple[str, dict]:
+    """ "specache-graph:bits=1,hit_every=1" -> ("specache-graph", {"bits": 1, "policy_options": {"hit_every": 1}})."""
+    from specache_compile.evals.harness import parse_policy
+
+    return parse_policy(method)
 
 
 def _compile_seconds() -> float:

@@ -19,6 +19,7 @@ per measurement to bench/results/kernels.jsonl (and $OUT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -180,6 +181,21 @@ def bench_context(args, rec: Recorder, n: int, d2d: float, h2d: float, g) -> lis
     return summaries
 
 
+@contextlib.contextmanager
+def _tuned(**consts):
+    """kernels/attn_ops.py's module-level tuning constants set to other values for the duration (a sweep row)."""
+    from specache_compile.kernels import attn_ops
+
+    old = {name: getattr(attn_ops, name) for name in consts}
+    for name, value in consts.items():
+        setattr(attn_ops, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(attn_ops, name, value)
+
+
 def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tuple:
     from specache_compile.kernels import ops
 
@@ -220,6 +236,11 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
 
     rec.time("select_fused_two_pass", n, bits, 2 * B * HQ * nq * 4,
              lambda: select_topk(scores.reshape(B, HQ, nq), extra, HQ // HKV, args.topk), d2d, args.rep)
+    # the piece sizes before 6059240 (8192 columns per row-stats program, top-k blocks of up to 2048 positions):
+    # measured side by side with the current ones, since the change was made without a GPU
+    with _tuned(_SELECT_COLS_PER_PART=8192, _SELECT_MAX_CANDIDATES=args.topk):
+        rec.time("select_fused_two_pass[cols=8192,block=2048]", n, bits, 2 * B * HQ * nq * 4,
+                 lambda: select_topk(scores.reshape(B, HQ, nq), extra, HQ // HKV, args.topk), d2d, args.rep)
 
     # lowbit_decode_attention over [0, nq) with topk fetched rows + the window as full-precision columns. Bytes: key and
     # value codes (2 * Hkv * nq * D * bits / 8) + key and value scale/zero (2 * 2 * Hkv * nq * D / group * 2) + the
@@ -236,6 +257,11 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
                                                           fp_pos, None, scale)
 
     a_t = rec.time("lowbit_decode_attention", n, bits, attn_bytes, attend, d2d, args.rep)
+    # the split heuristic's two knobs (kernels/attn_ops.py): more, shorter splits for a kernel at 8% of HBM
+    for per_sm, min_tiles in ((16, 4), (4, 1), (16, 1)):
+        with _tuned(_PROGRAMS_PER_SM=per_sm, _MIN_TILES_PER_SPLIT=min_tiles):
+            rec.time(f"lowbit_decode_attention[programs_per_sm={per_sm},min_tiles={min_tiles}]", n, bits, attn_bytes,
+                     attend, d2d, args.rep)
 
     # The decode path of one layer, fetch excluded: scores + selection + attention, against SDPA (filled in by main).
     rec.add("decode_path_scores_select_attention", n, bits, score_bytes + attn_bytes, s_t[0] + sel_t[0] + a_t[0], d2d,

@@ -65,12 +65,14 @@ def generate(
 
     speculative: None = the model's Config.speculative (when its policy supports it). prefill_chunk: prefill this many
     tokens per call (bounds activation memory at long contexts; policies that keep no full KV prefill in one call).
-    past_key_values: a transformers cache to fill (default: a new DynamicCache). on_step(i): called after each step
+    past_key_values: a transformers cache to fill (default: a new DynamicCache; a StaticCache of prompt + new tokens
+    + 2 positions for a model compiled with ``policy_options={"static": True}``). on_step(i): called after each step
     (the benchmarks time steps with it). suppress_tokens: never generate these (pass the EOS ids to match
     ``model.generate(..., min_new_tokens=n)``, which masks EOS until n tokens exist).
     cuda_graph: replay the speculative steps as CUDA graphs (two, one per prefetch slot parity), captured after two
-    warm-up steps: needs CUDA, a StaticCache (past_key_values) with room for the prompt and every new token plus one,
-    and the specache policy with ``policy_options={"static": True}`` (policies/specache_static.py).
+    warm-up steps: needs CUDA, the specache policy with ``policy_options={"static": True}``
+    (policies/specache_static.py) and a StaticCache with room for the prompt and every new token plus one (the default
+    cache of such a model).
     """
     from transformers import DynamicCache
 
@@ -83,6 +85,11 @@ def generate(
     b, s = input_ids.shape
     dev = input_ids.device
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    if past_key_values is None and _static_policy(model):
+        # the static path decodes into a StaticCache only (fixed shapes): one with room for this call's tokens
+        from transformers import StaticCache
+
+        past_key_values = StaticCache(config=model.config, max_cache_len=s + max_new_tokens + 2)
     cache = past_key_values if past_key_values is not None else DynamicCache()
     kwargs: dict[str, Any] = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -193,6 +200,15 @@ def _capacity(cache) -> int | None:
     caps = {getattr(layer, "max_cache_len", None) for layer in layers}
     cap = caps.pop() if len(caps) == 1 else None
     return cap if isinstance(cap, int) and cap > 0 else None
+
+
+def _static_policy(model) -> bool:
+    from .api import runtime_of
+
+    try:
+        return bool(getattr(runtime_of(model).policy, "static", False))
+    except ValueError:  # not compiled by specache.compile (or the runtime appears with the first call)
+        return False
 
 
 def _check_graphable(model, input_ids, max_new_tokens, cache, speculative) -> None:

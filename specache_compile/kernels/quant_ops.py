@@ -70,6 +70,7 @@ def _quantize_keys_triton(k: torch.Tensor, bits: int, group: int) -> tuple[torch
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         packed.stride(0), packed.stride(1), packed.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2),
+        k,  # off_ptr: not read (OFFSETS=False)
         GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
     )
     return packed, scale, zero
@@ -97,6 +98,7 @@ def _quantize_values_triton(v: torch.Tensor, bits: int, group: int) -> tuple[tor
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         packed.stride(0), packed.stride(1), packed.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2),
+        v,  # off_ptr: not read (OFFSETS=False)
         G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, num_warps=_NUM_WARPS,
     )
     return packed, scale, zero
@@ -466,6 +468,65 @@ def scatter_rows_static(src: torch.Tensor, idx: torch.Tensor, dst: torch.Tensor)
         raise RuntimeError("specache: the static decode path writes the host store from the GPU, which needs Triton")
     with torch.cuda.device(src.device):
         _scatter_rows_triton(src, idx, _HostPointer(dst), dst.shape, dst.stride())
+
+
+def quantize_group_static(src: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                          zero: torch.Tensor, bits: int, group: int, kind: str) -> None:
+    """KIVI-quantize the ``group`` rows of ``src`` [B, H, R, D] starting at row ``offsets[0]`` into the copy's buffers
+    at row ``offsets[1]`` (``codes``; values' ``scale`` / ``zero`` too) and key group ``offsets[2]`` (keys' ``scale`` /
+    ``zero``), ``kind`` "keys" or "values", with the offsets (int64 [3]) on the device, never read by the host: the
+    static decode path's per-step group quantize (policies/specache_static.py), one launch per tensor on CUDA where
+    index_select + quantize + 3 index_copy_ took five. Elsewhere, and for shapes the kernels do not take, those ops
+    (same codes and scales: the kernels are the ops' own, with offsets added to the row indices)."""
+    if kind not in ("keys", "values"):
+        raise ValueError(f"quantize_group_static: kind expected 'keys' or 'values', got {kind!r}")
+    b, h, _, d = src.shape
+    per = 8 // bits
+    g = min(group, d) if kind == "values" else group
+    kernel_ok = (_use_kernel(src) and d % per == 0 and g % per == 0 and d % g == 0
+                 and all(t.dtype == src.dtype for t in (scale, zero)))
+    if not kernel_ok:
+        rows = torch.arange(group, device=src.device)
+        x = src.index_select(2, offsets[0] + rows)
+        if kind == "keys":
+            kq, ks, kz = torch.ops.specache.quantize_keys(x, bits, group)
+            grp = offsets[2:3]
+            codes.index_copy_(2, offsets[1] + rows, kq)
+            scale.index_copy_(2, grp, ks)
+            zero.index_copy_(2, grp, kz)
+        else:
+            vq, vs, vz = torch.ops.specache.quantize_values(x, bits, group)
+            dst = offsets[1] + rows
+            codes.index_copy_(2, dst, vq)
+            scale.index_copy_(2, dst, vs)
+            zero.index_copy_(2, dst, vz)
+        return
+    with torch.cuda.device(src.device):
+        _quantize_group_triton(src, offsets, codes, scale, zero, bits, group, kind)
+
+
+def _quantize_group_triton(src, offsets, codes, scale, zero, bits: int, group: int, kind: str) -> None:
+    # the launch of quantize_group_static (also what the interpreter tests call, with CPU tensors)
+    b, h, _, d = src.shape
+    common = (src.stride(0), src.stride(1), src.stride(2), src.stride(3),
+              codes.stride(0), codes.stride(1), codes.stride(2),
+              scale.stride(0), scale.stride(1), scale.stride(2), offsets)
+    if kind == "keys":
+        block_t = min(triton.next_power_of_2(group), 64)
+        block_d = min(triton.next_power_of_2(d), max(8 // bits, _TILE // block_t))
+        quantize_keys_kernel[(1, h, b)](
+            src, codes, scale, zero, d, *common,
+            GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, OFFSETS=True, num_warps=_NUM_WARPS,
+        )
+    else:
+        g = min(group, d)
+        block_g, block_ng = triton.next_power_of_2(g), triton.next_power_of_2(d // g)
+        block_t = max(1, min(64, _TILE // (block_g * block_ng)))
+        quantize_values_kernel[(triton.cdiv(group, block_t), h, b)](
+            src, codes, scale, zero, group, *common,
+            G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, OFFSETS=True,
+            num_warps=_NUM_WARPS,
+        )
 
 
 def gather_rows_static(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch
 
 from ..kernels import ops
 from ..kernels.attn_ops import select_topk
-from ..kernels.quant_ops import gather_rows_static, scatter_rows_static
+from ..kernels.quant_ops import gather_rows_static, quantize_group_static, scatter_rows_static
 
 _NEG = float("-inf")
 
@@ -64,6 +64,43 @@ def check_options(policy) -> None:
     if bad:
         raise ValueError("specache policy: policy_options['static']=True does not support " + ", ".join(bad)
                          + "; fix: drop those options or decode without static=True")
+
+
+class StepShared:
+    """Tensors every layer of one decode step computes alike, computed by the first layer and reused by the others.
+
+    Every site appends the same tokens, so after its own append each holds the same ``n`` and ``nq`` and reads the
+    same positions and mask: the ring's positions, the masks over the copy and the columns, the attention bias are
+    equal across layers. Computed once per step they save ~15 small launches per layer (each ~2-3 us of GPU time in
+    a CUDA graph: the static path's small-op overhead is what it loses to the full cache at 8K, see the issue notes).
+    A step begins when a site shows up a second time (no assumption on the order of the sites); under CUDA graph
+    capture the first layer's kernels are captured and the other layers read their outputs. Keys name what a value
+    depends on besides the step (shapes, the identity of the mask or bias tensor it was built from)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.vals: dict = {}
+
+    def begin(self, site_name: str) -> None:
+        if site_name in self.seen:
+            self.clear()
+        self.seen.add(site_name)
+
+    def clear(self) -> None:
+        """Forget the step (a new sequence, a prefill call): nothing computed before is reused."""
+        self.seen.clear()
+        self.vals.clear()
+
+    def get(self, key, make):
+        v = self.vals.get(key)
+        if v is None:
+            v = self.vals[key] = make()
+        return v
+
+
+def _shared(site, key, make):
+    sh = site.tier.get("step_shared")
+    return make() if sh is None else sh.get(key, make)
 
 
 class StaticState:
@@ -113,8 +150,6 @@ class StaticState:
         t["s_bad"] = torch.zeros((), dtype=torch.bool, **z)  # a write position was not the next one
         t["s_slot_idx"] = torch.full((2, b, h, self.topk), -1, dtype=torch.int64, **z)
         # constants, allocated once (a graph replays their addresses)
-        t["s_group_off"] = torch.arange(g, **z)
-        t["s_scratch_rows"] = torch.arange(self.cq, self.cq + g, **z)
         t["s_cols"] = torch.arange(capacity, **z)
         t["s_ring_rows"] = torch.arange(self.ring, **z)
         pf = t["prefetch"]
@@ -164,35 +199,38 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     t["s_bad"] |= pos[0] != n
     if n_real:
         p = pos[:n_real]
-        t["s_ring_k"].index_copy_(2, p % ring, k_new[:, :, :n_real])
-        t["s_ring_v"].index_copy_(2, p % ring, v_new[:, :, :n_real])
+        slots = _shared(site, ("ring_slots", n_real, ring), lambda: p % ring)
+        t["s_ring_k"].index_copy_(2, slots, k_new[:, :, :n_real])
+        t["s_ring_v"].index_copy_(2, slots, v_new[:, :, :n_real])
         scatter_rows_static(k_new[:, :, :n_real], p, site.k.data)
         scatter_rows_static(v_new[:, :, :n_real], p, site.v.data)
         n.add_(n_real)
-        # (2) quantize the ring's oldest group, kept only if the ring is full (branch-free: same launches every step)
-        full = (n - nq) >= ring
-        src = (nq % ring) + t["s_group_off"]
-        kq, ks, kz = ops.quantize_keys(t["s_ring_k"].index_select(2, src), policy.bits, g)
-        vq, vs, vz = ops.quantize_values(t["s_ring_v"].index_select(2, src), policy.bits, g)
-        rows = torch.where(full, nq + t["s_group_off"], t["s_scratch_rows"])
-        grp = torch.where(full, nq // g, st.cq // g).reshape(1)
-        t["s_kq"].index_copy_(2, rows, kq)
-        t["s_vq"].index_copy_(2, rows, vq)
-        t["s_vs"].index_copy_(2, rows, vs)
-        t["s_vz"].index_copy_(2, rows, vz)
-        t["s_ks"].index_copy_(2, grp, ks)
-        t["s_kz"].index_copy_(2, grp, kz)
-        nq.add_(full.long() * g)
 
-    # the ring's positions: row s holds nq + ((s - nq) mod R) if that is below n, else nothing (-1)
-    ring_pos = nq + (t["s_ring_rows"] - nq) % ring
-    ring_pos = torch.where(ring_pos < n, ring_pos, -1)
-    cols_k, cols_v, cols_pos = [t["s_ring_k"]], [t["s_ring_v"]], [ring_pos.expand(b, hkv, ring)]
-    if speculating:  # the speculative token: attended at its position, never stored
-        cols_k.append(k_new[:, :, -1:])
-        cols_v.append(v_new[:, :, -1:])
-        cols_pos.append(pos[-1:].expand(b, hkv, 1))
-    k_cols, v_cols, pos_cols = torch.cat(cols_k, 2), torch.cat(cols_v, 2), torch.cat(cols_pos, 2)
+        # (2) quantize the ring's oldest group, kept only if the ring is full (branch-free: same launches every step)
+        def group_targets():  # from n (after this step's append) and nq (before): alike in every layer
+            # (ring row of the group, row in the copy, key group in the copy): the scratch group unless the ring is full
+            full = (n - nq) >= ring
+            dst = torch.where(full, nq, st.cq)
+            return torch.stack([nq % ring, dst, dst // g]), full.long() * g
+
+        offsets, inc = _shared(site, ("group_targets", ring, g, st.cq), group_targets)
+        quantize_group_static(t["s_ring_k"], offsets, t["s_kq"], t["s_ks"], t["s_kz"], policy.bits, g, "keys")
+        quantize_group_static(t["s_ring_v"], offsets, t["s_vq"], t["s_vs"], t["s_vz"], policy.bits, g, "values")
+        nq.add_(inc)
+
+    def positions():
+        # the ring's positions: row s holds nq + ((s - nq) mod R) if that is below n, else nothing (-1); then the
+        # speculative token's (attended at its position, never stored)
+        ring_pos = nq + (t["s_ring_rows"] - nq) % ring
+        ring_pos = torch.where(ring_pos < n, ring_pos, -1)
+        if not speculating:
+            return ring_pos.expand(b, hkv, ring)
+        return torch.cat([ring_pos, pos[-1:]]).expand(b, hkv, ring + 1)
+
+    pos_cols = _shared(site, ("pos_cols", b, hkv, ring, speculating), positions)
+    k_cols, v_cols = t["s_ring_k"], t["s_ring_v"]
+    if speculating:
+        k_cols, v_cols = torch.cat([k_cols, k_new[:, :, -1:]], 2), torch.cat([v_cols, v_new[:, :, -1:]], 2)
 
     # (3) rank with the speculative row (or the real row of a plain step)
     # the copy without its scratch group: [0, Cq) (rows) and [0, Cq / G) (key groups)
@@ -242,11 +280,19 @@ def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):
     b, hq = qr.shape[:2]
     hkv = site.heads
     cap, nq = st.capacity, t["s_nq"]
-    low_logits = ops.lowbit_scores(qr, *low[:3], policy.bits, policy.group, scale)[..., :cap]
-    low_logits = low_logits + br + torch.where(t["s_cols"] < nq, 0.0, _NEG)
-    col_bias = br.expand(b, hq, 1, cap).gather(3, pos_cols.clamp(min=0).repeat_interleave(hq // hkv, 1).unsqueeze(2))
-    col_logits = ops.attention_logits(qr, k_cols, scale) + col_bias + torch.where(pos_cols >= 0, 0.0, _NEG) \
-        .repeat_interleave(hq // hkv, 1).unsqueeze(2)
+
+    def biases():
+        # the row's bias over the copy with positions at or past nq masked, and over the columns at their positions
+        # (columns holding nothing masked); adding 0 or -inf in another order gives the same sums
+        low_b = br + torch.where(t["s_cols"] < nq, 0.0, _NEG)
+        col_b = br.expand(b, hq, 1, cap).gather(3, pos_cols.clamp(min=0).repeat_interleave(hq // hkv, 1).unsqueeze(2))
+        return low_b, col_b + torch.where(pos_cols >= 0, 0.0, _NEG).repeat_interleave(hq // hkv, 1).unsqueeze(2)
+
+    # br is a view of the step's bias: keyed by that tensor and the row
+    low_b, col_b = _shared(site, ("rank_bias", id(br._base if br._base is not None else br), br.storage_offset(),
+                                  tuple(br.shape), tuple(pos_cols.shape), cap, hq), biases)
+    low_logits = ops.lowbit_scores(qr, *low[:3], policy.bits, policy.group, scale)[..., :cap] + low_b
+    col_logits = ops.attention_logits(qr, k_cols, scale) + col_b
     # one softmax over [copy, columns], mean over each GQA group, top-k over the copy: two Triton passes on CUDA
     top = select_topk(low_logits[:, :, 0], col_logits[:, :, 0], hq // hkv, st.topk)
     return torch.where(top < nq, top, -1)

@@ -95,6 +95,9 @@ class Runtime:
         self.step_mode = NORMAL
         self._pos_bad: torch.Tensor | None = None
         self._pos_site: tuple[str, int] = ("", 0)
+        from ..policies.specache_static import StepShared
+
+        self._step_shared = StepShared()  # the static path's per-step values every layer shares
         _RUNTIMES[self.handle] = self
 
     def adopt(self, params: list[torch.Tensor]) -> None:
@@ -233,6 +236,7 @@ class Runtime:
                 self._measure(site, q[:, :, :n_real], b_real, p_lo, site.length, scale, out[:, :, :n_real])
             return out
         if sq > 1:
+            self._step_shared.clear()  # a prefill call: whatever the static path shared belongs to an earlier step
             # Multi-query calls (prefill, chunked prefill) are exact attention for every policy, through SDPA itself:
             # flash/memory-efficient kernels on CUDA, and the very kernel the original graph called.
             site.stats.prefill_tokens += sn
@@ -282,11 +286,20 @@ class Runtime:
                                 "fix: a StaticCache with a larger max_cache_len")
         sq = q.shape[2]
         pos = write_pos.reshape(-1)
-        if mask is not None:
-            bias = ops.attention_bias(mask, False, sq, base_len, q.device)
-        else:  # causal over store positions: row i attends positions <= its own
+        shared = self._step_shared
+        shared.begin(site.name)  # a site seen twice starts a new step: the values of the last one are dropped
+        site.tier["step_shared"] = shared
+
+        def make_bias():
+            if mask is not None:
+                return ops.attention_bias(mask, False, sq, base_len, q.device)
+            # causal over store positions: row i attends positions <= its own
             cols = torch.arange(base_len, device=q.device)
-            bias = torch.where(cols <= pos[:, None], 0.0, float("-inf")).reshape(1, 1, sq, base_len)
+            return torch.where(cols <= pos[:, None], 0.0, float("-inf")).reshape(1, 1, sq, base_len)
+
+        # every layer of a step builds the same bias from the same mask (or positions): the first one does
+        # (the mask is kept with it: its id cannot be reused by another tensor while the step's values live)
+        bias = shared.get(("bias", id(mask), sq, base_len, q.device), lambda: (mask, make_bias()))[1]
         out = self.policy.decode_static(site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         site.count_static_steps(n_real, speculating)
         self._pos_bad = site.tier["s_bad"]  # persistent: check_deferred reads and clears it
@@ -366,6 +379,7 @@ class Runtime:
             )
             self.sites[name] = site
         site.truncate(0)
+        self._step_shared.clear()
         if getattr(self.policy, "host_codec", None) is not None:
             site.codec = self.policy.new_host_codec()  # a fresh compressed host store per sequence
         site.capacity = max(site.capacity, self.capacity_hint)

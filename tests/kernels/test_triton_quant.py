@@ -162,12 +162,68 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
                 results["scatter"][str(dt)] = (src, idx, dst)
             except Exception as e:
                 results["scatter"][str(dt)] = (src, idx, f"{type(e).__name__}: {e}")
+    if shard == shards - 1:  # the static path's group quantize from its ring into the copy, offsets on the device
+        results["group_static"] = {}
+        for cid, case in GROUP_STATIC_CASES.items():
+            src, offsets, bufs = _group_static_inputs(*case)
+            try:
+                qo._quantize_group_triton(src, offsets, *bufs, case[1], case[2], case[0])
+                results["group_static"][cid] = bufs
+            except Exception as e:
+                results["group_static"][cid] = f"{type(e).__name__}: {e}"
     torch.save(results, path)
+
+
+# id -> (kind, bits, group, dtype, D): the ring holds 3 groups; its second goes to row 2 * group (key group 2) of a
+# copy of 4 groups, as policies/specache_static.py does once the ring is full
+GROUP_STATIC_CASES = {
+    "keys-2bit-bf16": ("keys", 2, 64, torch.bfloat16, 128),
+    "values-2bit-bf16": ("values", 2, 64, torch.bfloat16, 128),
+    "keys-1bit-fp32": ("keys", 1, 32, torch.float32, 64),
+    "values-4bit-fp16-g32": ("values", 4, 32, torch.float16, 64),
+    "values-2bit-group-over-d": ("values", 2, 64, torch.bfloat16, 32),
+}
+
+
+def _group_static_inputs(kind, bits, group, dtype, d):
+    b, h = 2, 3
+    src = _keys(b, h, 3 * group, d, dtype, seed=group + d + bits)
+    offsets = torch.tensor([group, 2 * group, 2])
+    rows = 4 * group
+    codes = torch.zeros(b, h, rows, d * bits // 8, dtype=torch.uint8)
+    if kind == "keys":
+        scale, zero = torch.zeros(b, h, 4, d, dtype=dtype), torch.zeros(b, h, 4, d, dtype=dtype)
+    else:
+        ng = d // min(group, d)
+        scale, zero = torch.zeros(b, h, rows, ng, dtype=dtype), torch.zeros(b, h, rows, ng, dtype=dtype)
+    return src, offsets, (codes, scale, zero)
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    return run_interpreted("test_triton_quant", tmp_path_factory.mktemp("interpreted"), ("quant", "gather", "scatter"))
+    return run_interpreted("test_triton_quant", tmp_path_factory.mktemp("interpreted"),
+                           ("quant", "gather", "scatter", "group_static"))
+
+
+@pytest.mark.parametrize("cid", list(GROUP_STATIC_CASES))
+def test_group_quantize_with_device_offsets_equals_the_ops(interpreted, cid):
+    """The kernels with OFFSETS (reading the ring's group at a device row, writing the copy at device rows) leave the
+    buffers exactly as index_select + the quantize op + index_copy_ do (quantize_group_static's CPU path)."""
+    got = interpreted["group_static"][cid]
+    if isinstance(got, str):
+        raise AssertionError(f"the kernel raised {got}")
+    kind, bits, group, _, _ = GROUP_STATIC_CASES[cid]
+    src, offsets, want = _group_static_inputs(*GROUP_STATIC_CASES[cid])
+    qo.quantize_group_static(src, offsets, *want, bits, group, kind)
+    assert want[0][:, :, 2 * group : 3 * group].any()  # the group was written where the offsets say
+    for name, g, w in zip(("codes", "scale", "zero"), got, want):
+        assert torch.equal(g, w), name
+
+
+def test_group_quantize_refuses_an_unknown_kind():
+    src, offsets, bufs = _group_static_inputs("keys", 2, 64, torch.float32, 64)
+    with pytest.raises(ValueError, match="kind expected 'keys' or 'values'"):
+        qo.quantize_group_static(src, offsets, *bufs, 2, 64, "both")
 
 
 def _assert_same(got, want):

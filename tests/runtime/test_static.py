@@ -141,11 +141,29 @@ def test_static_options_are_checked():
 
 
 def test_static_needs_an_index_mode_cache():
+    from transformers import DynamicCache
+
     base = hf_models.build("llama", layers=1)
     m = _compile(base, topk=4)
     ids = torch.randint(3, base.config.vocab_size, (1, 30))
     with pytest.raises(CacheMismatch, match="StaticCache"):
-        specache.generate(m, ids, 4)  # a DynamicCache
+        specache.generate(m, ids, 4, past_key_values=DynamicCache())
+
+
+def test_static_generate_makes_its_static_cache():
+    """Without past_key_values a static-path model decodes into a StaticCache of prompt + new tokens + 2 positions,
+    and gives the tokens an explicit one gives."""
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for cache in (None, "explicit"):
+        torch._dynamo.reset()
+        m = _compile(base, topk=8)
+        pkv = None if cache is None else _static_cache(m, 40 + 12 + 2)
+        outs.append(specache.generate(m, ids, 12, past_key_values=pkv))
+        site = next(iter(specache.runtime_of(m).sites.values()))
+        assert site.tier["static"].capacity == 54 and site.k.data.shape[2] == 54
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_fixed_buffer_steps_equal_the_step_by_step_loop(monkeypatch):
@@ -181,3 +199,49 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
         specache.generate(m, ids, 4, cuda_graph=True)
     msg = str(e.value)
     assert "expected a StaticCache" in msg and "without policy_options['static']=True" in msg
+
+
+def test_layers_share_the_step_values_and_nothing_changes():
+    """The positions, masks and bias every layer of a step would compute alike are computed by the first layer and
+    reused (StepShared): later layers dispatch fewer ops, and the tokens, the copy and the ring are those of a run
+    that shares nothing."""
+    base = hf_models.build("llama", layers=3)
+    ids = torch.randint(3, base.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(4))
+    counts: dict[str, list[int]] = {}
+    real = specache_static.decode
+
+    class Count(TorchDispatchMode):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[self.name][-1] += 1
+            return func(*args, **(kwargs or {}))
+
+    def counting(policy, site, *a, **kw):
+        counts.setdefault(site.name, []).append(0)
+        with Count(site.name):
+            return real(policy, site, *a, **kw)
+
+    runs = []
+    for share in (True, False):
+        torch._dynamo.reset()
+        m = _compile(base, topk=8)
+        orig_get = specache_static.StepShared.get
+        specache_static.decode = counting if share else real
+        if not share:
+            specache_static.StepShared.get = lambda self, key, make: make()
+        try:
+            out = specache.generate(m, ids, 30, past_key_values=_static_cache(m, 128))
+        finally:
+            specache_static.decode, specache_static.StepShared.get = real, orig_get
+        sites = list(specache.runtime_of(m).sites.values())
+        runs.append((out, [{k: s.tier[k].clone() for k in ("s_kq", "s_vq", "s_ring_k", "s_nq")} for s in sites]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    first, *later = counts.values()
+    assert len(first) == 30 and all(len(c) == 30 for c in later)
+    for step in range(1, 30):  # every [real, speculative] step (step 0 is pre-decoding)
+        assert all(c[step] < first[step] for c in later), (step, first[step], [c[step] for c in later])

@@ -68,11 +68,15 @@ def quantize_keys_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_pb, stride_ph, stride_ps,
     stride_sb, stride_sh, stride_sg,
+    off_ptr,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    OFFSETS: tl.constexpr = False,
 ):
     # k: [B, H, S, D] any strides; packed: [B, H, S, D*BITS//8]; scale, zero: [B, H, S//GROUP, D], last dims dense.
     # grid (S // GROUP, H, B): one program per (b, h, group of GROUP tokens), looping over D in BLOCK_D chunks.
     # Channel d is element (j, i) of a [NB, PER] tile, d = j * PER + i, so byte j packs channels j*PER .. j*PER+PER-1.
+    # OFFSETS: off_ptr holds three int64 device values (source row, destination row, destination group) added to the
+    # token and group indices: the static decode path quantizes its ring's oldest group straight into the copy.
     pid_g = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -81,9 +85,16 @@ def quantize_keys_kernel(
     OUT_DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
 
     t0 = pid_g * GROUP
-    k_base = k_ptr + pid_b * stride_kb + pid_h * stride_kh + t0 * stride_ks
-    p_base = packed_ptr + pid_b * stride_pb + pid_h * stride_ph + t0 * stride_ps
-    s_off = pid_b * stride_sb + pid_h * stride_sh + pid_g * stride_sg
+    src_t0 = t0
+    dst_t0 = t0
+    grp = pid_g
+    if OFFSETS:
+        src_t0 += tl.load(off_ptr).to(tl.int64)
+        dst_t0 += tl.load(off_ptr + 1).to(tl.int64)
+        grp += tl.load(off_ptr + 2).to(tl.int64)
+    k_base = k_ptr + pid_b * stride_kb + pid_h * stride_kh + src_t0 * stride_ks
+    p_base = packed_ptr + pid_b * stride_pb + pid_h * stride_ph + dst_t0 * stride_ps
+    s_off = pid_b * stride_sb + pid_h * stride_sh + grp * stride_sg
     offs_t = tl.arange(0, BLOCK_T)
     offs_j = tl.arange(0, NB)
     offs_i = tl.arange(0, PER)
@@ -130,13 +141,16 @@ def quantize_values_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pb, stride_ph, stride_ps,
     stride_sb, stride_sh, stride_ss,
+    off_ptr,
     G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr,
+    OFFSETS: tl.constexpr = False,
 ):
     # v: [B, H, S, NG * G] any strides; packed: [B, H, S, NG*G*BITS//8]; scale, zero: [B, H, S, NG], last dims dense.
     # grid (cdiv(S, BLOCK_T), H, B): one program per (b, h, block of BLOCK_T tokens), the whole head dim at once.
     # Tile [BLOCK_T, BLOCK_NG, BLOCK_G // PER, PER]: channel d = g * G + j * PER + i is group g, byte j of the group,
     # code i of the byte. Needs G % PER == 0 (no byte spans two groups); the launcher checks.
+    # OFFSETS: off_ptr holds int64 device values (source row, destination row) added to the token index (see keys).
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -146,6 +160,11 @@ def quantize_values_kernel(
 
     tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = tok < S
+    src_tok = tok
+    dst_tok = tok
+    if OFFSETS:
+        src_tok += tl.load(off_ptr).to(tl.int64)
+        dst_tok += tl.load(off_ptr + 1).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_NG)
     offs_j = tl.arange(0, NB)
     offs_i = tl.arange(0, PER)
@@ -156,7 +175,7 @@ def quantize_values_kernel(
 
     # Reads BLOCK_T * D input elements once; writes BLOCK_T * D * BITS / 8 bytes and 2 * BLOCK_T * NG scale/zero.
     v_base = v_ptr + pid_b * stride_vb + pid_h * stride_vh
-    ptrs = v_base + tok[:, None, None, None] * stride_vs + offs_d[None, :, :, :] * stride_vd
+    ptrs = v_base + src_tok[:, None, None, None] * stride_vs + offs_d[None, :, :, :] * stride_vd
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     lo = tl.min(tl.min(tl.where(mask, x, float("inf")), axis=3), axis=2)  # [BLOCK_T, BLOCK_NG]
     hi = tl.max(tl.max(tl.where(mask, x, float("-inf")), axis=3), axis=2)
@@ -164,12 +183,12 @@ def quantize_values_kernel(
     lo = tl.where(g_mask, lo, 0.0)  # padding (tokens past S, groups past NG): a finite constant group, never stored
     hi = tl.where(g_mask, hi, 0.0)
     scale, zero = _group_params(lo, hi, BITS, OUT_DTYPE)
-    s_ptrs = pid_b * stride_sb + pid_h * stride_sh + tok[:, None] * stride_ss + offs_g[None, :]
+    s_ptrs = pid_b * stride_sb + pid_h * stride_sh + dst_tok[:, None] * stride_ss + offs_g[None, :]
     tl.store(scale_ptr + s_ptrs, scale, mask=g_mask)
     tl.store(zero_ptr + s_ptrs, zero, mask=g_mask)
 
     q = _codes(x, zero[:, :, None, None], scale[:, :, None, None], BITS)
     shift = offs_i * BITS  # code i of a byte at bit i * BITS
     packed = tl.sum(q << shift[None, None, None, :], axis=3).to(tl.uint8)  # [BLOCK_T, BLOCK_NG, NB]
-    p_ptrs = packed_ptr + pid_b * stride_pb + pid_h * stride_ph + tok[:, None, None] * stride_ps + byte[None, :, :]
+    p_ptrs = packed_ptr + pid_b * stride_pb + pid_h * stride_ph + dst_tok[:, None, None] * stride_ps + byte[None, :, :]
     tl.store(p_ptrs, packed, mask=t_mask[:, None, None] & b_mask[None, :, :])
