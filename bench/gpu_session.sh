@@ -3,11 +3,11 @@
 # eat the next one's time; logs and rows go to $OUT (at most 8 files come back: keep them few).
 #
 #   run: bash bench/gpu_session.sh [steps...]
-#   steps: static tests kernels decode decode_x4 policies policies2 accuracy (default: all, in order)
+#   steps: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy (default: all, in order)
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it), e.g.
 #   call 1: static tests (9.5 min at most)   call 2: decode (8)   call 3: decode_x4 kernels (9.7)
-#   the session after: policies (6.7), policies2 (6.7), accuracy (9)
+#   the session after: policies (6.7), policies2 (6.7), decode_packed (5), accuracy (9)
 # Measured at 43d8ea8/54a1f0c: full + specache-graph at 8K/32K/128K took 476 s (full's first row compiles for 61 s);
 # the 130048x4 specache-graph row did not finish its prefill in 215 s (before the pinned range movers).
 #
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install -e . --no-deps -q >/dev/null 2>&1
-steps=${*:-static tests kernels decode decode_x4 policies policies2 accuracy}
+steps=${*:-static tests kernels decode decode_packed decode_x4 policies policies2 accuracy}
 pytest_gpu() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
@@ -36,6 +36,10 @@ for step in $steps; do
       timeout 480 python bench/decode.py --methods full specache-graph --contexts 8192 32768 131072 --extra \
         --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager >"$OUT/decode.log" 2>&1
       echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-160 ;;
+    decode_packed)  # the fairer full-cache baseline (GQA heads packed, no repeat_kv) at the same contexts
+      timeout 300 python bench/decode.py --methods full-packed --contexts 8192 32768 131072 --extra \
+        --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 >"$OUT/decode_packed.log" 2>&1
+      echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-160 ;;
     decode_x4)  # where the full cache runs out of memory: 4 x 127K (a power-of-two pinned block per store, 64 GiB)
       timeout 100 python bench/decode.py --methods full --contexts 130048 --batches 4 --extra --steps 4 \
         --warmup 2 --timed-fetch 0 --profile-steps 0 --no-plot >"$OUT/decode_x4.log" 2>&1
@@ -58,7 +62,7 @@ for step in $steps; do
         >bench/results/accuracy_gpu/eval.log 2>&1
       echo "accuracy: rc=$? rows=$(wc -l <bench/results/accuracy_gpu/accuracy.jsonl)"
       tar czf "$OUT/accuracy_gpu.tgz" bench/results/accuracy_gpu ;;
-    *) echo "unknown step $step (expected: static tests kernels decode decode_x4 policies policies2 accuracy)"; exit 2 ;;
+    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy)"; exit 2 ;;
   esac
 done
 # the rows (appended to the copies in the working tree the device received): back with the logs

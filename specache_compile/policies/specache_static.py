@@ -7,8 +7,8 @@ captured over one step cannot replay the next, and each step pays ~80 launches f
 bench/results/host_profile_*). Here every tensor a decode step touches has a shape fixed for the sequence (the
 StaticCache's ``max_cache_len`` C) and every length is a device scalar, so consecutive steps launch the same kernels
 with the same arguments (tests/runtime/test_static.py compares the ops two consecutive steps dispatch); only the
-prefetch slot alternates, so two graphs (even and odd steps) cover a sequence. Capturing them is the caller's job
-(not done yet: see the issue notes).
+prefetch slot alternates, so two graphs (even and odd steps) cover a sequence; ``specache.generate(...,
+cuda_graph=True)`` captures and replays them (generate.py ``_fixed_buffer_steps``).
 
 Device state per site, built at the first static step from what the prefill left (``setup``):
 
@@ -24,12 +24,14 @@ Device state per site, built at the first static step from what the prefill left
 A step (per layer): (1) the real token at position ``p`` (a device scalar, from the model's cache_position) goes to
 ring row ``p mod R`` and to the host store at ``p`` (a GPU write into pinned memory, kernels/quant_ops.py
 ``scatter_rows_static``), ``n += 1``; (2) the ring's oldest group is quantized every step and written to the copy at
-``nq`` if the ring is full, else to the scratch group; ``nq += G`` if it was full; (3) scores of the ranking row over
+``nq`` if the ring is full, else to the scratch group (one launch per tensor with the rows on the device:
+``quant_ops.quantize_group_static``); ``nq += G`` if it was full; (3) scores of the ranking row over
 the whole copy (positions at or past ``nq`` masked), softmax together with the ring and the speculative column, GQA
 mean, top-k over ``[0, nq)``; (4) attention of every row over the copy with the fetched rows, the ring rows and the
 speculative column substituted in full precision (``lowbit_decode_attention``; ring rows holding nothing have
 position -1). Speculative steps rank with the speculative row and prefetch on the side stream for the next step, as
-the default path does; plain steps rank with the real row and fetch at once on the main stream.
+the default path does; plain steps rank with the real row and fetch at once on the main stream. What every layer
+of a step would compute alike (positions, masks, bias, the group's rows) the first layer computes (``StepShared``).
 
 Not supported here (``ValueError`` when the policy is built): sinks, ``lowbit_remainder=False``,
 ``miss_rule="fetch"``, the KVComp host codec, and a window that is not a multiple of ``group_size``. Prefetch hits
