@@ -245,3 +245,16 @@ def test_layers_share_the_step_values_and_nothing_changes():
     assert len(first) == 30 and all(len(c) == 30 for c in later)
     for step in range(1, 30):  # every [real, speculative] step (step 0 is pre-decoding)
         assert all(c[step] < first[step] for c in later), (step, first[step], [c[step] for c in later])
+
+
+def test_hf_generate_with_a_static_cache_takes_the_static_path():
+    """transformers' own generate with cache_implementation="static" decodes through the static path (one token per
+    step, no speculation) and gives greedy's tokens when the top-k covers the context."""
+    base = hf_models.build("llama", layers=2)
+    ids = torch.randint(3, base.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(6))
+    ref = base.generate(ids, max_new_tokens=10, do_sample=False)
+    m = _compile(base, topk=128)
+    out = m.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    site = next(iter(specache.runtime_of(m).sites.values()))
+    assert "static" in site.tier and int(site.tier["s_n"]) == site.length == 60 + 9
