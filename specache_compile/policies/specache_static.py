@@ -197,8 +197,13 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     dev = q.device
     nq, n = t["s_nq"], t["s_n"]
 
-    # (1) append the real token; the write position must be the next one (checked on the device, raised later)
-    t["s_bad"] |= pos[0] != n
+    # (1) append the real token; the write position must be the next one (checked on the device, raised later: every
+    # layer writes at the same position, so the step's first layer checks for all of them)
+    def check_position():
+        t["s_bad"] |= pos[0] != n
+        return True
+
+    _shared(site, ("position_checked",), check_position)
     if n_real:
         p = pos[:n_real]
         slots = _shared(site, ("ring_slots", n_real, ring), lambda: p % ring)

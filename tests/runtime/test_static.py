@@ -258,3 +258,4 @@ def test_hf_generate_with_a_static_cache_takes_the_static_path():
     assert torch.equal(out, ref)
     site = next(iter(specache.runtime_of(m).sites.values()))
     assert "static" in site.tier and int(site.tier["s_n"]) == site.length == 60 + 9
+
