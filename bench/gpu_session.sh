@@ -3,11 +3,12 @@
 # eat the next one's time; logs and rows go to $OUT (at most 8 files come back: keep them few).
 #
 #   run: bash bench/gpu_session.sh [steps...]
-#   steps: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy (default: all, in order)
+#   steps: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy
+#          accuracy2 (default: all, in order)
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it), e.g.
 #   call 1: static tests (9.5 min at most)   call 2: decode (8)   call 3: decode_x4 kernels (9.7)
-#   the session after: policies (6.7), policies2 (6.7), decode_packed (5), accuracy (9)
+#   the session after: policies (6.7), policies2 (6.7), decode_packed (5), accuracy (9), accuracy2 (9)
 # Measured at 43d8ea8/54a1f0c: full + specache-graph at 8K/32K/128K took 476 s (full's first row compiles for 61 s);
 # the 130048x4 specache-graph row did not finish its prefill in 215 s (before the pinned range movers).
 #
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install -e . --no-deps -q >/dev/null 2>&1
-steps=${*:-static tests kernels decode decode_packed decode_x4 policies policies2 accuracy}
+steps=${*:-static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2}
 pytest_gpu() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
@@ -53,16 +54,18 @@ for step in $steps; do
       timeout 400 python bench/decode.py --methods $ms --contexts 32768 --extra --steps 6 --warmup 3 \
         --timed-fetch 2 --profile-steps 1 --inner eager >"$OUT/$step.log" 2>&1
       echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-160 ;;
-    accuracy)  # the full grid, rows per cell; heatmaps tarred (one file back)
-      mkdir -p bench/results/accuracy_gpu
-      timeout 540 python -m specache_compile.cli eval --policies baseline specache specache:bits=1 full quant \
-        streaming:budget=0.15 snapkv:budget=0.15 cake:budget=0.15 kcache kvcomp specache:layer_budgets=cake \
-        specache:host_codec=kvcomp --contexts 1024 2048 4096 8192 16384 --depths 0 0.25 0.5 0.75 1 --trials 2 \
-        --agree-tokens 256 --inner eager --out bench/results/accuracy_gpu/accuracy.jsonl \
-        >bench/results/accuracy_gpu/eval.log 2>&1
-      echo "accuracy: rc=$? rows=$(wc -l <bench/results/accuracy_gpu/accuracy.jsonl)"
-      tar czf "$OUT/accuracy_gpu.tgz" bench/results/accuracy_gpu ;;
-    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy)"; exit 2 ;;
+    accuracy | accuracy2)  # the full grid in two calls' worth of policies, rows per cell; heatmaps tarred
+      if [ "$step" = accuracy ]; then ps="baseline specache specache:bits=1 full quant kvcomp"
+      else ps="streaming:budget=0.15 snapkv:budget=0.15 cake:budget=0.15 kcache specache:layer_budgets=cake
+               specache:host_codec=kvcomp"; fi
+      mkdir -p "bench/results/$step"
+      # shellcheck disable=SC2086
+      timeout 540 python -m specache_compile.cli eval --policies $ps --contexts 1024 2048 4096 8192 16384 \
+        --depths 0 0.25 0.5 0.75 1 --trials 2 --agree-tokens 256 --inner eager \
+        --out "bench/results/$step/accuracy.jsonl" >"bench/results/$step/eval.log" 2>&1
+      echo "$step: rc=$? rows=$(wc -l <"bench/results/$step/accuracy.jsonl")"
+      tar czf "$OUT/$step.tgz" "bench/results/$step" ;;
+    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2)"; exit 2 ;;
   esac
 done
 # the rows (appended to the copies in the working tree the device received): back with the logs
