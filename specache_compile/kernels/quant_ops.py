@@ -482,9 +482,10 @@ def quantize_group_static(src: torch.Tensor, offsets: torch.Tensor, codes: torch
         raise ValueError(f"quantize_group_static: kind expected 'keys' or 'values', got {kind!r}")
     b, h, _, d = src.shape
     per = 8 // bits
-    g = min(group, d) if kind == "values" else group
-    kernel_ok = (_use_kernel(src) and d % per == 0 and g % per == 0 and d % g == 0
-                 and all(t.dtype == src.dtype for t in (scale, zero)))
+    # the launchers' own conditions: codes packed along D (keys and values); values' channel groups whole bytes
+    g = min(group, d)
+    kernel_ok = (_use_kernel(src) and d % per == 0 and all(t.dtype == src.dtype for t in (scale, zero))
+                 and (kind == "keys" or (d % g == 0 and g % per == 0)))
     if not kernel_ok:
         rows = torch.arange(group, device=src.device)
         x = src.index_select(2, offsets[0] + rows)

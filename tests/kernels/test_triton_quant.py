@@ -182,6 +182,7 @@ GROUP_STATIC_CASES = {
     "keys-1bit-fp32": ("keys", 1, 32, torch.float32, 64),
     "values-4bit-fp16-g32": ("values", 4, 32, torch.float16, 64),
     "values-2bit-group-over-d": ("values", 2, 64, torch.bfloat16, 32),
+    "keys-2bit-group-over-d": ("keys", 2, 128, torch.float16, 64),
 }
 
 
