@@ -226,9 +226,12 @@ def _check_graphable(model, input_ids, max_new_tokens, cache, speculative) -> No
         problems.append(f"a StaticCache of {cap} positions (expected >= prompt + max_new_tokens + 1 = "
                         f"{input_ids.shape[1] + max_new_tokens + 1})")
     try:
-        policy = runtime_of(model).policy
+        runtime = runtime_of(model)
+        policy = runtime.policy
         if not getattr(policy, "static", False):
             problems.append(f"policy {policy.name!r} without policy_options['static']=True")
+        if runtime.config.measure_error:
+            problems.append("measure_error=True (its exact attention reads the host: not capturable)")
     except ValueError:
         problems.append("a model not compiled with specache.compile")
     if problems:

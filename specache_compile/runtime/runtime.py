@@ -302,6 +302,11 @@ class Runtime:
         bias = shared.get(("bias", id(mask), sq, base_len, q.device), lambda: (mask, make_bias()))[1]
         out = self.policy.decode_static(site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         site.count_static_steps(n_real, speculating)
+        if self.config.measure_error and n_real:
+            # the real rows against exact attention over the stored tokens (host counters: an eager step only; a
+            # CUDA graph replay runs no Python, and generate refuses cuda_graph with measure_error)
+            n = site.length
+            self._measure(site, q[:, :, :n_real], bias[..., :n_real, :n], 0, n, scale, out[:, :, :n_real])
         self._pos_bad = site.tier["s_bad"]  # persistent: check_deferred reads and clears it
         self._pos_site = (site.name, site.length)
         return out

@@ -259,3 +259,24 @@ def test_hf_generate_with_a_static_cache_takes_the_static_path():
     site = next(iter(specache.runtime_of(m).sites.values()))
     assert "static" in site.tier and int(site.tier["s_n"]) == site.length == 60 + 9
 
+
+
+def test_static_path_measures_the_same_attention_error():
+    """measure_error=True on the static path: per layer, the relative error against exact attention over the stored
+    tokens equals the default path's (same choices; the low-bit products run in fp32 over columns in another order, so
+    to 1e-6); generate(cuda_graph=True) refuses it."""
+    base = hf_models.build("llama", layers=2).double()
+    ids = torch.randint(3, base.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(8))
+    errs = []
+    for static in (False, True):
+        torch._dynamo.reset()
+        m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16, measure_error=True,
+                             policy_options={"static": static, "hit_every": 1})
+        specache.generate(m, ids, 20, past_key_values=_static_cache(m, 200))
+        errs.append(specache.attention_error(m))
+    assert errs[0].keys() == errs[1].keys() and len(errs[0]) == 2
+    for name, e in errs[0].items():
+        assert e["steps"] == errs[1][name]["steps"] == 19 and 0 < e["mean"] < 1
+        assert e["mean"] == pytest.approx(errs[1][name]["mean"], rel=1e-6)
+    with pytest.raises(ValueError, match="measure_error=True"):
+        specache.generate(m, ids, 4, cuda_graph=True)
