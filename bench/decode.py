@@ -169,6 +169,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
 
     def on_step(i):
         clock.mark()
+        if i == 0:  # the prefill (and the first decode step) is behind us: with its compile time, see compile_s
+            prof["prefill_end"] = time.perf_counter()
         if runtime is not None and args.timed_fetch and i == args.warmup + args.steps:
             runtime.streams.timer = FetchTimer()  # the last timed_fetch steps record fetch spans
         if cuda and args.profile_steps:
@@ -287,6 +289,9 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "prefetch_hit_rate": hit,
         "first_steps_ms": times[: args.warmup],
         "row_wall_s": wall,
+        # wall seconds from the row's start to the end of the first decode step: the chunked prefill, the first step
+        # and the compiles they triggered (compile_s)
+        "prefill_s": prof["prefill_end"] - t0 if "prefill_end" in prof else None,
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
         "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
     })
@@ -458,7 +463,7 @@ def main(argv=None) -> int:
             rows.append(row)
             write_rows(args.out, [row])
             keys = ("step_ms", "gpu_busy_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate",
-                    "exposed_fetch_ms", "fetch_gbps", "error")
+                    "exposed_fetch_ms", "fetch_gbps", "prefill_s", "error")
             print(method, ctx, batch, {k: row.get(k) for k in keys}, flush=True)
             with contextlib.suppress(Exception):
                 gc.collect()
