@@ -36,24 +36,24 @@ for step in $steps; do
     decode)  # rows are written one by one: a cut run keeps the finished ones
       timeout 480 python bench/decode.py --methods full specache-graph --contexts 8192 32768 131072 --extra \
         --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager >"$OUT/decode.log" 2>&1
-      echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-160 ;;
+      echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-300 ;;
     decode_packed)  # the fairer full-cache baseline (GQA heads packed, no repeat_kv) at the same contexts
       timeout 300 python bench/decode.py --methods full-packed --contexts 8192 32768 131072 --extra \
         --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 >"$OUT/decode_packed.log" 2>&1
-      echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-160 ;;
+      echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-300 ;;
     decode_x4)  # where the full cache runs out of memory: 4 x 127K (a power-of-two pinned block per store, 64 GiB)
       timeout 100 python bench/decode.py --methods full --contexts 130048 --batches 4 --extra --steps 4 \
         --warmup 2 --timed-fetch 0 --profile-steps 0 --no-plot >"$OUT/decode_x4.log" 2>&1
       timeout 300 python bench/decode.py --methods specache-graph --contexts 130048 --batches 4 --extra --steps 6 \
         --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager --no-plot >>"$OUT/decode_x4.log" 2>&1
-      echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-200 ;;
+      echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-300 ;;
     policies | policies2)  # every other method at 32K (issue 6's table), two calls' worth
       if [ "$step" = policies ]; then ms="specache specache-noprefetch quant kcache kvcomp"
       else ms="cake streaming snapkv specache-cake specache-graph:bits=1 specache-graph:hit_every=1"; fi
       # shellcheck disable=SC2086
       timeout 400 python bench/decode.py --methods $ms --contexts 32768 --extra --steps 6 --warmup 3 \
         --timed-fetch 2 --profile-steps 1 --inner eager >"$OUT/$step.log" 2>&1
-      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-160 ;;
+      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300 ;;
     accuracy | accuracy2)  # the full grid in two calls' worth of policies, rows per cell; heatmaps tarred
       if [ "$step" = accuracy ]; then ps="baseline specache specache:bits=1 full quant kvcomp"
       else ps="streaming:budget=0.15 snapkv:budget=0.15 cake:budget=0.15 kcache specache:layer_budgets=cake
