@@ -581,8 +581,6 @@ _SELECT_BLOCK = 1024  # columns per step of the row-stats loop
 # bench/results/kernels_54a1f0c.log). Smaller pieces: 256 programs per pass at 8K (Llama-3-8B shape, k = 64).
 _SELECT_COLS_PER_PART = 2048  # columns per row-stats program
 _SELECT_BLOCK_N = 2048  # the largest top-k block (one bitonic sort of this many int64 keys per program)
-
-
 _SELECT_MAX_CANDIDATES = 8192  # per KV head, for the final torch.topk over the blocks' candidates
 
 

@@ -52,6 +52,18 @@ def _check_quantize(x: torch.Tensor, bits: int, group: int, name: str) -> None:
 # -- quantize: launchers ---------------------------------------------------------------------------------------------
 
 
+def _key_blocks(group: int, d: int, bits: int) -> tuple[int, int]:
+    # (BLOCK_T, BLOCK_D): the whole group of tokens (up to 64 per step) by as many channels as fit in _TILE elements
+    block_t = min(triton.next_power_of_2(group), 64)
+    return block_t, min(triton.next_power_of_2(d), max(8 // bits, _TILE // block_t))
+
+
+def _value_blocks(g: int, d: int) -> tuple[int, int, int]:
+    # (BLOCK_T, BLOCK_NG, BLOCK_G): the whole head dim of as many tokens as fit in _TILE elements (at most 64)
+    block_g, block_ng = triton.next_power_of_2(g), triton.next_power_of_2(d // g)
+    return max(1, min(64, _TILE // (block_g * block_ng))), block_ng, block_g
+
+
 def _quantize_keys_triton(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # k: [B, H, S, D], any strides (the policy passes a slice of a concatenation)
     _check_quantize(k, bits, group, "k")
@@ -61,9 +73,7 @@ def _quantize_keys_triton(k: torch.Tensor, bits: int, group: int) -> tuple[torch
     packed = k.new_empty((b, h, s, d * bits // 8), dtype=torch.uint8)
     scale = k.new_empty((b, h, s // group, d))
     zero = k.new_empty((b, h, s // group, d))
-    # The whole group of tokens (up to 64 per step) by as many channels as fit in _TILE elements.
-    block_t = min(triton.next_power_of_2(group), 64)
-    block_d = min(triton.next_power_of_2(d), max(8 // bits, _TILE // block_t))
+    block_t, block_d = _key_blocks(group, d, bits)
     wrap_triton(quantize_keys_kernel)[(s // group, h, b)](
         k, packed, scale, zero,
         d,
@@ -89,9 +99,7 @@ def _quantize_values_triton(v: torch.Tensor, bits: int, group: int) -> tuple[tor
     packed = v.new_empty((b, h, s, d * bits // 8), dtype=torch.uint8)
     scale = v.new_empty((b, h, s, d // g))
     zero = v.new_empty((b, h, s, d // g))
-    # The whole head dim of as many tokens as fit in _TILE elements (at most 64).
-    block_g, block_ng = triton.next_power_of_2(g), triton.next_power_of_2(d // g)
-    block_t = max(1, min(64, _TILE // (block_g * block_ng)))
+    block_t, block_ng, block_g = _value_blocks(g, d)
     wrap_triton(quantize_values_kernel)[(triton.cdiv(s, block_t), h, b)](
         v, packed, scale, zero,
         s,
@@ -389,11 +397,10 @@ def write_rows_to_host(x: torch.Tensor, store: torch.Tensor, start: int, pinned:
     device address (the static path's writer); more -> one DMA copy per (b, h) slab. Ordered on the current stream.
     Any other combination (CPU tensors, pageable memory, a contiguous range) is a plain ``copy_``."""
     global WRITE_PATH, SCATTER_UVA_ERROR
-    n = x.shape[2] if x.dim() == 4 else 0
-    dst = store.narrow(2, start, n) if store.dim() == 4 else None
-    if dst is None or not _async_host_path(x.device, store.device, pinned) or dst.is_contiguous():
-        target = dst if dst is not None else store
-        target.copy_(x, non_blocking=x.is_cuda and pinned)
+    n = x.shape[2]
+    dst = store.narrow(2, start, n)
+    if not _async_host_path(x.device, store.device, pinned) or dst.is_contiguous():
+        dst.copy_(x, non_blocking=x.is_cuda and pinned)
         WRITE_PATH = "copy"
         return
     x = x.contiguous()
@@ -513,16 +520,14 @@ def _quantize_group_triton(src, offsets, codes, scale, zero, bits: int, group: i
               codes.stride(0), codes.stride(1), codes.stride(2),
               scale.stride(0), scale.stride(1), scale.stride(2), offsets)
     if kind == "keys":
-        block_t = min(triton.next_power_of_2(group), 64)
-        block_d = min(triton.next_power_of_2(d), max(8 // bits, _TILE // block_t))
+        block_t, block_d = _key_blocks(group, d, bits)
         quantize_keys_kernel[(1, h, b)](
             src, codes, scale, zero, d, *common,
             GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, OFFSETS=True, num_warps=_NUM_WARPS,
         )
     else:
         g = min(group, d)
-        block_g, block_ng = triton.next_power_of_2(g), triton.next_power_of_2(d // g)
-        block_t = max(1, min(64, _TILE // (block_g * block_ng)))
+        block_t, block_ng, block_g = _value_blocks(g, d)
         quantize_values_kernel[(triton.cdiv(group, block_t), h, b)](
             src, codes, scale, zero, group, *common,
             G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, OFFSETS=True,

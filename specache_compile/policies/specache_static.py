@@ -94,10 +94,9 @@ class StepShared:
         self.vals.clear()
 
     def get(self, key, make):
-        v = self.vals.get(key)
-        if v is None:
-            v = self.vals[key] = make()
-        return v
+        if key not in self.vals:  # (a make that only writes state returns None: it must still run once a step)
+            self.vals[key] = make()
+        return self.vals[key]
 
 
 def _shared(site, key, make):
@@ -201,7 +200,6 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     # layer writes at the same position, so the step's first layer checks for all of them)
     def check_position():
         t["s_bad"] |= pos[0] != n
-        return True
 
     _shared(site, ("position_checked",), check_position)
     if n_real:
@@ -269,9 +267,10 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
         gather_rows_static(site.k.data, idx_now, k_f)
         gather_rows_static(site.v.data, idx_now, v_f)
-    site.stats.fetched_rows += idx_now.numel()
-    site.stats.fetched_bytes += k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
-    st.step = (n_real, speculating, idx_now.numel(), k_f.numel() * k_f.element_size() * 2)
+    rows, nbytes = idx_now.numel(), k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
+    site.stats.fetched_rows += rows
+    site.stats.fetched_bytes += nbytes
+    st.step = (n_real, speculating, rows, nbytes)  # what replayed() counts for a step a graph replays
 
     # (4) attention over the copy, with the fetched rows, the ring and the speculative column substituted
     fp_pos = torch.cat([idx_now, pos_cols], dim=2)

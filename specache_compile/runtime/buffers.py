@@ -52,15 +52,17 @@ class Growable:
         self.data = new
 
     def _copy_in(self, start: int, x: torch.Tensor) -> None:
-        if x.is_cuda and self.pin:
+        async_host = x.is_cuda and self.pin
+        if async_host:
             # device -> pinned host without blocking the host: ordered on the current stream before every later
-            # reader on it (and before the stream manager's side stream, which waits for it before a fetch). Not
-            # copy_ into the range view: for B * H > 1 it is not contiguous, and torch would stage it through
-            # pageable memory, which blocks the host until the GPU has drained (kernels/quant_ops.py).
-            quant_ops.write_rows_to_host(x, self.data, start, pinned=True)
+            # reader on it (and before the stream manager's side stream, which waits for it before a fetch).
             self._inflight = True
+        if async_host and (len(self.prefix), len(self.row)) == (2, 1):
+            # [B, H, S, D] (the store): not copy_ into the range view, which for B * H > 1 is not contiguous, so torch
+            # would stage it through pageable memory and block the host until the GPU has drained (quant_ops)
+            quant_ops.write_rows_to_host(x, self.data, start, pinned=True)
         else:
-            self.data.narrow(self.seq_dim, start, x.shape[self.seq_dim]).copy_(x)
+            self.data.narrow(self.seq_dim, start, x.shape[self.seq_dim]).copy_(x, non_blocking=async_host)
 
     def append(self, x: torch.Tensor) -> None:
         # x: [*prefix, n, *row]
