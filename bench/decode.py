@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specache  # noqa: E402
 from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
+from specache_compile.evals.harness import parse_policy  # noqa: E402
 from specache_compile.runtime.streams import FetchTimer  # noqa: E402
 
 
@@ -234,7 +235,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         else:
             key = method
             # "specache-graph:bits=1" -> the method, with Config / policy_options overrides (the eval harness's syntax)
-            method, overrides = _split_method(method)
+            method, overrides = parse_policy(method)
             if key not in compiled:
                 m = shared_copy(base)
                 name = "specache" if method.startswith("specache") else method
@@ -252,14 +253,10 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             m = compiled[key]
             runtime = specache.runtime_of(m)  # specache.compile attached it: on_step can start the fetch timer
             spec = method in ("specache", "specache-cake", "specache-static", "specache-graph")
-            extra = {}
-            if method in ("specache-static", "specache-graph"):
-                from transformers import StaticCache
-
-                extra["past_key_values"] = StaticCache(config=m.config, max_cache_len=ctx + total + 2)
-                extra["cuda_graph"] = method == "specache-graph"  # on CPU: the row records generate's refusal
+            # the static path decodes into the StaticCache generate makes for it (prompt + new tokens + 2 positions);
+            # on CPU the graph row records generate's refusal
             specache.generate(m, ids, total, speculative=spec, prefill_chunk=args.prefill_chunk, on_step=on_step,
-                              **extra)
+                              cuda_graph=method == "specache-graph")
             mem = specache.memory(m)
             kv_dev, host = mem["device"], mem["host"]
             st = specache.stats(m)["store"]
@@ -318,13 +315,6 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     row.setdefault("fetch_gbps", None)
     row.setdefault("exposed_fetch_ms", None)
     return row
-
-
-def _split_method(method: str) -> tuple[str, dict]:
-    """ "specache-graph:bits=1,hit_every=1" -> ("specache-graph", {"bits": 1, "policy_options": {"hit_every": 1}})."""
-    from specache_compile.evals.harness import parse_policy
-
-    return parse_policy(method)
 
 
 def _compile_seconds() -> float:

@@ -230,7 +230,7 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
 
     sel_t = rec.time("select_softmax_mean_topk", n, bits, B * HQ * nq * 4 + 2 * B * HKV * nq * 4, select, d2d, args.rep)
     # the two-pass fused selection (kernels/triton/select.py), over the same scores and a window's 64 extra columns.
-    # Bytes: the scores read twice (2 * Hq * nq * 4); not yet what the policy runs.
+    # Bytes: the scores read twice (2 * Hq * nq * 4). The static decode path runs it; the default path, the above.
     extra = torch.zeros(B, HQ, 64, device="cuda")
     from specache_compile.kernels.attn_ops import select_topk
 

@@ -23,17 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specache  # noqa: E402
 from bench.common import env_fields, write_rows  # noqa: E402
 from specache_compile.evals.harness import DEFAULT_MODEL, parse_policy  # noqa: E402
+from specache_compile.policies.kvcomp import _used  # noqa: E402
 from specache_compile.runtime.buffers import Growable  # noqa: E402
-
-
-def _bytes(x) -> tuple[int, int]:
-    if isinstance(x, Growable):
-        v = x.view()
-        return v.numel() * v.element_size(), x.nbytes
-    if isinstance(x, torch.Tensor):
-        n = x.numel() * x.element_size()
-        return n, n
-    return 0, 0
+from specache_compile.runtime.store import _nbytes  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,9 +53,8 @@ def main(argv=None) -> int:
         for k, v in s.tier.items():
             if not isinstance(v, (Growable, torch.Tensor)):
                 continue  # counters and sizes
-            u, a = _bytes(v)
-            used[k] += u
-            alloc[k] += a
+            used[k] += _used(v)  # rows in use (kvcomp's own accounting)
+            alloc[k] += _nbytes(v)  # capacity (what the store's tier_bytes counts)
     row = {"bench": "kv_bytes", "policy": args.policy, "context": args.context, "new_tokens": args.new_tokens,
            "full_kv_bytes": full, "device_used_bytes": sum(used.values()),
            "device_allocated_bytes": sum(alloc.values()), "device_bytes_reported": specache.memory(model)["device"],
