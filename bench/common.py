@@ -40,8 +40,16 @@ def env_fields() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
-        "repro": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "repro": repro_command(),
     }
+
+
+def repro_command() -> str:
+    """The command line that ran this process, runnable as written: ``python -m pkg.mod ...`` for a module run with
+    -m (sys.argv[0] is then the module's file, which run as a script loses its package's relative imports)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None and spec.name != "__main__" else sys.argv[:1]
+    return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
 
 
 def write_rows(name: str, rows: list[dict]) -> list[Path]:
