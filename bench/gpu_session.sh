@@ -4,7 +4,9 @@
 #
 #   run: bash bench/gpu_session.sh [steps...]
 #   steps: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy
-#          accuracy2 (default: all, in order)
+#          accuracy2 (default: all, in order); accuracy_bg: every policy's accuracy grid, one niced process per
+#          policy in the background (the tiny model leaves the GPU idle: run it beside the GPU tests, never beside a
+#          timed step), waited for at the end
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it), e.g.
 #   call 1: static tests (9.5 min at most)   call 2: decode (8)   call 3: decode_x4 kernels (9.7)
@@ -65,9 +67,24 @@ for step in $steps; do
         --out "bench/results/$step/accuracy.jsonl" >"bench/results/$step/eval.log" 2>&1
       echo "$step: rc=$? rows=$(wc -l <"bench/results/$step/accuracy.jsonl")"
       tar czf "$OUT/$step.tgz" "bench/results/$step" ;;
-    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2)"; exit 2 ;;
+    accuracy_bg)  # one process per policy spec, in the background; rows and heatmaps per spec under accuracy_bg/
+      mkdir -p bench/results/accuracy_bg
+      for p in baseline full specache specache:bits=1 specache:static=true specache:speculative=false \
+               specache:miss_rule=fetch quant kvcomp kcache cake:budget=0.15 snapkv:budget=0.15 \
+               streaming:budget=0.15 specache:layer_budgets=cake specache:host_codec=kvcomp; do
+        d="bench/results/accuracy_bg/${p//[:=.]/_}"; mkdir -p "$d"
+        timeout "${ACC_LIMIT:-500}" nice -n 10 python -m specache_compile.cli eval --policies "$p" \
+          --contexts 1024 2048 4096 8192 --depths 0 0.25 0.5 0.75 1 --trials 2 --agree-tokens 256 --inner eager \
+          --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
+      done
+      bg_accuracy=1 ;;
+    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
+if [ -n "${bg_accuracy:-}" ]; then
+  wait; echo "accuracy_bg: rows=$(cat bench/results/accuracy_bg/*/accuracy.jsonl | wc -l)"
+  tar czf "$OUT/accuracy_bg.tgz" bench/results/accuracy_bg
+fi
 # the rows (appended to the copies in the working tree the device received): back with the logs
 case " $steps " in *" decode"*|*" policies"*) cp bench/results/decode.jsonl "$OUT/" ;; esac
 case " $steps " in *" kernels "*) cp bench/results/kernels.jsonl "$OUT/" ;; esac
