@@ -25,7 +25,12 @@ try:
     from torch.library import wrap_triton
 
     from .triton.gather import gather_rows_kernel, scatter_rows_kernel
-    from .triton.quantize import quantize_keys_kernel, quantize_values_kernel
+    from .triton.quantize import (
+        quantize_keys_at_kernel,
+        quantize_keys_kernel,
+        quantize_values_at_kernel,
+        quantize_values_kernel,
+    )
 
     HAS_TRITON = True
 except ImportError:  # keep `import specache` working without Triton: the reference ops below
@@ -80,7 +85,6 @@ def _quantize_keys_triton(k: torch.Tensor, bits: int, group: int) -> tuple[torch
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         packed.stride(0), packed.stride(1), packed.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2),
-        k,  # off_ptr: not read (OFFSETS=False)
         GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
     )
     return packed, scale, zero
@@ -106,7 +110,6 @@ def _quantize_values_triton(v: torch.Tensor, bits: int, group: int) -> tuple[tor
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         packed.stride(0), packed.stride(1), packed.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2),
-        v,  # off_ptr: not read (OFFSETS=False)
         G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, num_warps=_NUM_WARPS,
     )
     return packed, scale, zero
@@ -521,17 +524,16 @@ def _quantize_group_triton(src, offsets, codes, scale, zero, bits: int, group: i
               scale.stride(0), scale.stride(1), scale.stride(2), offsets)
     if kind == "keys":
         block_t, block_d = _key_blocks(group, d, bits)
-        quantize_keys_kernel[(1, h, b)](
+        quantize_keys_at_kernel[(1, h, b)](
             src, codes, scale, zero, d, *common,
-            GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, OFFSETS=True, num_warps=_NUM_WARPS,
+            GROUP=group, BITS=bits, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_NUM_WARPS,
         )
     else:
         g = min(group, d)
         block_t, block_ng, block_g = _value_blocks(g, d)
-        quantize_values_kernel[(triton.cdiv(group, block_t), h, b)](
+        quantize_values_at_kernel[(triton.cdiv(group, block_t), h, b)](
             src, codes, scale, zero, group, *common,
-            G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, OFFSETS=True,
-            num_warps=_NUM_WARPS,
+            G=g, NG=d // g, BITS=bits, BLOCK_T=block_t, BLOCK_NG=block_ng, BLOCK_G=block_g, num_warps=_NUM_WARPS,
         )
 
 

@@ -208,8 +208,9 @@ def interpreted(tmp_path_factory):
 
 @pytest.mark.parametrize("cid", list(GROUP_STATIC_CASES))
 def test_group_quantize_with_device_offsets_equals_the_ops(interpreted, cid):
-    """The kernels with OFFSETS (reading the ring's group at a device row, writing the copy at device rows) leave the
-    buffers exactly as index_select + the quantize op + index_copy_ do (quantize_group_static's CPU path)."""
+    """The row-offset kernels (quantize_*_at_kernel: the ring's group read at a device row, the copy written at device
+    rows) leave the buffers exactly as index_select + the quantize op + index_copy_ do (quantize_group_static's CPU
+    path)."""
     got = interpreted["group_static"][cid]
     if isinstance(got, str):
         raise AssertionError(f"the kernel raised {got}")

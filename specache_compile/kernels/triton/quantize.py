@@ -68,30 +68,58 @@ def quantize_keys_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_pb, stride_ph, stride_ps,
     stride_sb, stride_sh, stride_sg,
-    off_ptr,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFFSETS: tl.constexpr = False,
 ):
     # k: [B, H, S, D] any strides; packed: [B, H, S, D*BITS//8]; scale, zero: [B, H, S//GROUP, D], last dims dense.
     # grid (S // GROUP, H, B): one program per (b, h, group of GROUP tokens), looping over D in BLOCK_D chunks.
-    # Channel d is element (j, i) of a [NB, PER] tile, d = j * PER + i, so byte j packs channels j*PER .. j*PER+PER-1.
-    # OFFSETS: off_ptr holds three int64 device values (source row, destination row, destination group) added to the
-    # token and group indices: the static decode path quantizes its ring's oldest group straight into the copy.
+    # The signature has no defaulted constexpr and no unused pointer: torch 2.11's Inductor launched such a kernel
+    # with one argument short ("launcher() missing 1 required positional argument: '_grid_2'", on the H100).
     pid_g = tl.program_id(0).to(tl.int64)
+    t0 = pid_g * GROUP
+    _quantize_keys_group(k_ptr, packed_ptr, scale_ptr, zero_ptr, D, stride_kb, stride_kh, stride_ks, stride_kd,
+                         stride_pb, stride_ph, stride_ps, stride_sb, stride_sh, stride_sg, t0, t0, pid_g,
+                         GROUP, BITS, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def quantize_keys_at_kernel(
+    k_ptr, packed_ptr, scale_ptr, zero_ptr,
+    D,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_pb, stride_ph, stride_ps,
+    stride_sb, stride_sh, stride_sg,
+    off_ptr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # quantize_keys_kernel with the rows read from the device: off_ptr holds three int64 values (source row,
+    # destination row, destination group) added to the token and group indices. The static decode path quantizes its
+    # ring's oldest group straight into the copy with it (grid (1, H, B)).
+    pid_g = tl.program_id(0).to(tl.int64)
+    t0 = pid_g * GROUP
+    _quantize_keys_group(k_ptr, packed_ptr, scale_ptr, zero_ptr, D, stride_kb, stride_kh, stride_ks, stride_kd,
+                         stride_pb, stride_ph, stride_ps, stride_sb, stride_sh, stride_sg,
+                         t0 + tl.load(off_ptr).to(tl.int64), t0 + tl.load(off_ptr + 1).to(tl.int64),
+                         pid_g + tl.load(off_ptr + 2).to(tl.int64), GROUP, BITS, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _quantize_keys_group(
+    k_ptr, packed_ptr, scale_ptr, zero_ptr,
+    D,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_pb, stride_ph, stride_ps,
+    stride_sb, stride_sh, stride_sg,
+    src_t0, dst_t0, grp,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One group of GROUP tokens of one (b, h): source rows src_t0.., destination rows dst_t0.., scale/zero row grp.
+    # Channel d is element (j, i) of a [NB, PER] tile, d = j * PER + i, so byte j packs channels j*PER .. j*PER+PER-1.
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = BLOCK_D // PER
     OUT_DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
 
-    t0 = pid_g * GROUP
-    src_t0 = t0
-    dst_t0 = t0
-    grp = pid_g
-    if OFFSETS:
-        src_t0 += tl.load(off_ptr).to(tl.int64)
-        dst_t0 += tl.load(off_ptr + 1).to(tl.int64)
-        grp += tl.load(off_ptr + 2).to(tl.int64)
     k_base = k_ptr + pid_b * stride_kb + pid_h * stride_kh + src_t0 * stride_ks
     p_base = packed_ptr + pid_b * stride_pb + pid_h * stride_ph + dst_t0 * stride_ps
     s_off = pid_b * stride_sb + pid_h * stride_sh + grp * stride_sg
@@ -141,30 +169,59 @@ def quantize_values_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pb, stride_ph, stride_ps,
     stride_sb, stride_sh, stride_ss,
-    off_ptr,
     G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr,
-    OFFSETS: tl.constexpr = False,
 ):
     # v: [B, H, S, NG * G] any strides; packed: [B, H, S, NG*G*BITS//8]; scale, zero: [B, H, S, NG], last dims dense.
     # grid (cdiv(S, BLOCK_T), H, B): one program per (b, h, block of BLOCK_T tokens), the whole head dim at once.
+    # No defaulted constexpr, no unused pointer (see quantize_keys_kernel).
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _quantize_values_rows(v_ptr, packed_ptr, scale_ptr, zero_ptr, S, stride_vb, stride_vh, stride_vs, stride_vd,
+                          stride_pb, stride_ph, stride_ps, stride_sb, stride_sh, stride_ss, tok, tok,
+                          G, NG, BITS, BLOCK_T, BLOCK_NG, BLOCK_G)
+
+
+@triton.jit
+def quantize_values_at_kernel(
+    v_ptr, packed_ptr, scale_ptr, zero_ptr,
+    S,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pb, stride_ph, stride_ps,
+    stride_sb, stride_sh, stride_ss,
+    off_ptr,
+    G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    # quantize_values_kernel with the rows read from the device: off_ptr holds int64 values (source row, destination
+    # row) added to the token index (see quantize_keys_at_kernel).
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    _quantize_values_rows(v_ptr, packed_ptr, scale_ptr, zero_ptr, S, stride_vb, stride_vh, stride_vs, stride_vd,
+                          stride_pb, stride_ph, stride_ps, stride_sb, stride_sh, stride_ss,
+                          tok + tl.load(off_ptr).to(tl.int64), tok + tl.load(off_ptr + 1).to(tl.int64),
+                          G, NG, BITS, BLOCK_T, BLOCK_NG, BLOCK_G)
+
+
+@triton.jit
+def _quantize_values_rows(
+    v_ptr, packed_ptr, scale_ptr, zero_ptr,
+    S,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pb, stride_ph, stride_ps,
+    stride_sb, stride_sh, stride_ss,
+    src_tok, dst_tok,
+    G: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_NG: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    # The BLOCK_T tokens of program (t, h, b): read from rows src_tok, written to rows dst_tok; tokens past S of the
+    # program's block (counted from the block's start, offsets aside) are masked.
     # Tile [BLOCK_T, BLOCK_NG, BLOCK_G // PER, PER]: channel d = g * G + j * PER + i is group g, byte j of the group,
     # code i of the byte. Needs G % PER == 0 (no byte spans two groups); the launcher checks.
-    # OFFSETS: off_ptr holds int64 device values (source row, destination row) added to the token index (see keys).
-    pid_t = tl.program_id(0)
     pid_h = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     PER: tl.constexpr = 8 // BITS
     NB: tl.constexpr = BLOCK_G // PER
     OUT_DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
-
-    tok = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = tok < S
-    src_tok = tok
-    dst_tok = tok
-    if OFFSETS:
-        src_tok += tl.load(off_ptr).to(tl.int64)
-        dst_tok += tl.load(off_ptr + 1).to(tl.int64)
+    t_mask = (tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)) < S
     offs_g = tl.arange(0, BLOCK_NG)
     offs_j = tl.arange(0, NB)
     offs_i = tl.arange(0, PER)
