@@ -331,16 +331,20 @@ def plot(rows, path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    colors = plt.get_cmap("tab20").colors  # more methods than the default cycle's 10 colours
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        style = {"marker": "o", "label": method, "color": colors[i % 20], "linestyle": ("-", "--")[i // 10 % 2]}
         rs = sorted((r for r in rows if r["method"] == method and r["batch"] == 1 and r.get("step_ms")),
                     key=lambda r: r["context"])
         if not rs:
             continue
         x = [r["context"] for r in rs]
-        axes[0].plot(x, [r["step_ms"] for r in rs], marker="o", label=method)
-        axes[1].plot(x, [r["kv_device_bytes"] / 2**30 for r in rs], marker="o", label=method)
+        axes[0].plot(x, [r["step_ms"] for r in rs], **style)
+        axes[1].plot(x, [r["kv_device_bytes"] / 2**30 for r in rs], **style)
     for ax, title, unit in ((axes[0], "decode step (batch 1)", "ms"), (axes[1], "KV bytes on the device", "GiB")):
         ax.set_xscale("log", base=2)
+        if ax is axes[0]:
+            ax.set_yscale("log")  # hf-offloaded's ~1 s steps would flatten every other line
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(unit)
         ax.set_title(title)
