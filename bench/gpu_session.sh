@@ -3,16 +3,20 @@
 # eat the next one's time; logs and rows go to $OUT (at most 8 files come back: keep them few).
 #
 #   run: bash bench/gpu_session.sh [steps...]
-#   steps: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy
+#   steps: static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy
 #          accuracy2 (default: all, in order); accuracy_bg: every policy's accuracy grid, one niced process per
 #          policy in the background (the tiny model leaves the GPU idle: run it beside the GPU tests, never beside a
 #          timed step), waited for at the end
 #
-# A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it), e.g.
-#   call 1: static tests (9.5 min at most)   call 2: decode (8)   call 3: decode_x4 kernels (9.7)
-#   the session after: policies (6.7), policies2 (6.7), decode_packed (5), accuracy (9), accuracy2 (9)
-# Measured at 43d8ea8/54a1f0c: full + specache-graph at 8K/32K/128K took 476 s (full's first row compiles for 61 s);
-# the 130048x4 specache-graph row did not finish its prefill in 215 s (before the pinned range movers).
+# A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it).
+# Measured at 2fba97f (one session, 6 calls): `accuracy_bg static tests` 549 s (the tests step was cut at its old
+# 330 s limit beside the accuracy processes and again alone: test_gpu.py's 8 non-static tests take 196 s, so 480 s
+# now; 14 of the 15 accuracy specs finished 1K-8K in 540 s, the KVComp host codec stopped at 4K); `decode` 370 s
+# (full's first row compiles for 106 s); full at 130048x4 runs out of memory in ~60 s; specache-graph at 130048x4
+# 203 s (prefill 202 s); `kernels` ~85 s; full-packed at 128K and 8K 115 s.
+# Still to run at one commit: `paths` and `paths128` (issue 4's methods beside full: hf-offloaded, specache at its
+# defaults, specache-noprefetch), `policies`, `policies2` (issue 6 at 32K; 128K rows per policy need as much again),
+# with `decode` in the same session so every ratio has its full-cache row.
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -21,7 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install -e . --no-deps -q >/dev/null 2>&1
-steps=${*:-static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2}
+steps=${*:-static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy accuracy2}
 pytest_gpu() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
@@ -32,7 +36,7 @@ for step in $steps; do
     static)  # the static decode path and CUDA graphs: first, they have never run on a GPU
       pytest_gpu gpu_static 240 tests/test_gpu.py -k "static or graph" ;;
     tests)  # every other GPU test
-      pytest_gpu gpu_tests 330 tests/ -k "not static and not graph" ;;
+      pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
     decode)  # rows are written one by one: a cut run keeps the finished ones
@@ -49,6 +53,12 @@ for step in $steps; do
       timeout 300 python bench/decode.py --methods specache-graph --contexts 130048 --batches 4 --extra --steps 6 \
         --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager --no-plot >>"$OUT/decode_x4.log" 2>&1
       echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-300 ;;
+    paths | paths128)  # issue 4's other methods: transformers' offloaded cache, specache's default (dynamic) path
+      if [ "$step" = paths ]; then cs="8192 32768"; else cs="131072"; fi
+      # shellcheck disable=SC2086
+      timeout 540 python bench/decode.py --methods hf-offloaded specache specache-noprefetch --contexts $cs --steps 6 \
+        --warmup 3 --timed-fetch 2 --profile-steps 1 --inner eager >"$OUT/$step.log" 2>&1
+      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300 ;;
     policies | policies2)  # every other method at 32K (issue 6's table), two calls' worth
       if [ "$step" = policies ]; then ms="specache specache-noprefetch quant kcache kvcomp"
       else ms="cake streaming snapkv specache-cake specache-graph:bits=1 specache-graph:hit_every=1"; fi
@@ -78,7 +88,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 policies policies2 accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
@@ -86,6 +96,6 @@ if [ -n "${bg_accuracy:-}" ]; then
   tar czf "$OUT/accuracy_bg.tgz" bench/results/accuracy_bg
 fi
 # the rows (appended to the copies in the working tree the device received): back with the logs
-case " $steps " in *" decode"*|*" policies"*) cp bench/results/decode.jsonl "$OUT/" ;; esac
+case " $steps " in *" decode"*|*" policies"*|*" paths"*) cp bench/results/decode.jsonl "$OUT/" ;; esac
 case " $steps " in *" kernels "*) cp bench/results/kernels.jsonl "$OUT/" ;; esac
 ls "$OUT"
