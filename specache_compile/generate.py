@@ -59,6 +59,7 @@ def generate(
     on_step: Any = None,
     suppress_tokens: list[int] | None = None,
     cuda_graph: bool = False,
+    forced_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Greedy decode ``max_new_tokens`` tokens after ``input_ids`` [B, S] with a specache-compiled transformers model.
     Returns [B, max_new_tokens].
@@ -73,6 +74,10 @@ def generate(
     warm-up steps: needs CUDA, the specache policy with ``policy_options={"static": True}``
     (policies/specache_static.py) and a StaticCache with room for the prompt and every new token plus one (the default
     cache of such a model).
+    forced_tokens: [B, max_new_tokens] tokens to feed instead of the model's own (teacher forcing: step i feeds
+    forced_tokens[:, i]); the return value is then what the model predicted at each position given the forced ones
+    before it, so ``(generate(..., forced_tokens=ref) == ref).float().mean()`` is next-token agreement with ``ref``.
+    The speculative token is still the model's own prediction. Not with cuda_graph.
     """
     from transformers import DynamicCache
 
@@ -84,6 +89,19 @@ def generate(
         raise ValueError(f"specache.generate: max_new_tokens expected an int >= 1, got {max_new_tokens!r}")
     b, s = input_ids.shape
     dev = input_ids.device
+    if forced_tokens is not None:
+        if cuda_graph:
+            raise ValueError("specache.generate: forced_tokens expected with cuda_graph=False, got cuda_graph=True; "
+                             "fix: teacher-force without CUDA graphs")
+        if tuple(forced_tokens.shape) != (b, max_new_tokens):
+            raise ValueError(f"specache.generate: forced_tokens expected shape {(b, max_new_tokens)} "
+                             f"([B, max_new_tokens]), got {tuple(forced_tokens.shape)}")
+        forced_tokens = forced_tokens.to(device=dev, dtype=input_ids.dtype)
+
+    def fed(pred: torch.Tensor, i: int) -> torch.Tensor:
+        # the token the next step feeds as new token i: the model's own, or the forced one
+        return pred if forced_tokens is None else forced_tokens[:, i : i + 1]
+
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     if past_key_values is None and _static_policy(model):
         # the static path decodes into a StaticCache only (fixed shapes): one with room for this call's tokens
@@ -143,8 +161,9 @@ def generate(
     if speculative is None:
         speculative = runtime.config.speculative
     speculative = speculative and runtime.policy.speculative
-    tok = logits[:, -1].argmax(-1, keepdim=True)  # T1
-    out = [tok]
+    pred = logits[:, -1].argmax(-1, keepdim=True)  # T1
+    out = [pred]
+    tok = fed(pred, 0)
     p = s  # position of the next real token
     crop = functools.partial(_drop_last, cache)
 
@@ -153,8 +172,9 @@ def generate(
             mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
             with runtime.stepping(NORMAL):
                 logits = call(tok, mask, p)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-            out.append(tok)
+            pred = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(pred)
+            tok = fed(pred, i + 1)
             p += 1
             if on_step is not None:
                 on_step(i)
@@ -177,9 +197,10 @@ def generate(
         m2 = torch.cat([mask, mask.new_ones((b, 1))], dim=1)  # + the speculative token's column
         with runtime.stepping(SPECULATIVE):
             logits = call(torch.cat([tok, spec], dim=1), m2, p)
-        tok = logits[:, -2].argmax(-1, keepdim=True)
+        pred = logits[:, -2].argmax(-1, keepdim=True)
         spec = logits[:, -1].argmax(-1, keepdim=True)
-        out.append(tok)
+        out.append(pred)
+        tok = fed(pred, i + 1)
         p += 1
         mask = m2
         crop()  # drop the speculative token from the model's cache

@@ -1,5 +1,6 @@
-"""The accuracy harness: needle-in-a-haystack, passkey, greedy agreement with the full cache, per-layer attention
-error. One entry point for every policy the pass supports:
+"""The accuracy harness: needle-in-a-haystack, passkey, greedy agreement with the full cache, next-token agreement
+along the full cache's tokens (teacher forced: ``forced_agreement``), per-layer attention error. One entry point for
+every policy the pass supports:
 
     specache eval --quick                                  # CPU, < 2 min: asserts the full-cache model finds the needle
     specache eval --policies baseline full specache specache:bits=1 --contexts 1024 2048 4096 8192 16384
@@ -90,6 +91,18 @@ class Runner:
         with torch.no_grad():
             out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
         return out[0, len(ids) :].tolist()
+
+    def forced(self, ids: list[int], ref: list[int]) -> list[int]:
+        """The policy's next-token predictions along ``ref`` fed as the history (teacher forcing): position i is its
+        argmax after the prompt and ref[:i]. The baseline's predictions are ``ref`` itself when ``ref`` is its own
+        greedy output, so this is only called for compiled policies."""
+        import specache
+
+        x = torch.tensor([ids], device=self.model.device)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])  # ref was generated with EOS masked (min_new_tokens)
+        r = torch.tensor([ref], device=self.model.device)
+        return specache.generate(self.model, x, len(ref), suppress_tokens=eos, forced_tokens=r)[0].tolist()
 
     def compression(self, length: int) -> float | None:
         """Full-precision KV bytes at ``length`` / KV bytes specache keeps on the device (None: nothing kept)."""
@@ -258,6 +271,22 @@ def main(argv: list[str] | None = None) -> int:
                         **env,
                     }
                 )
+                # next-token agreement along the full cache's tokens, where one early flip does not decide the rest
+                # as it does greedy agreement on near-tied continuations (after attn_rel_error: its decode steps
+                # would join that row's average)
+                forced = run.forced(prompt, agree_ref[ctx]) if run is not reference else agree_ref[ctx]
+                emit(
+                    {
+                        "bench": "accuracy",
+                        "task": "forced_agreement",
+                        **common,
+                        "depth": None,
+                        "kv_compression": run.compression(ctx),
+                        "score": sum(a == b for a, b in zip(forced, agree_ref[ctx])) / len(agree_ref[ctx]),
+                        "tokens": args.agree_tokens,
+                        **env,
+                    }
+                )
                 progress.advance(bar)
             # this policy's heatmap as soon as its grid is done (a cut run keeps the finished ones)
             heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
@@ -293,7 +322,7 @@ def _summary(console, rows, runners, contexts) -> None:
     table.add_column("policy")
     for c in contexts:
         table.add_column(str(c), justify="right")
-    for task in ("needle", "passkey", "agreement", "attn_rel_error"):
+    for task in ("needle", "passkey", "agreement", "forced_agreement", "attn_rel_error"):
         for run in runners:
             cells = []
             for c in contexts:

@@ -23,6 +23,9 @@ def test_quick_eval_finds_the_needle(tmp_path):
     assert needle and min(r["score"] for r in needle) == 1.0
     spec = [r for r in rows if r["policy"] == "specache" and r["task"] == "attn_rel_error"]
     assert all(0 < r["score"] < 1 for r in spec)  # small topk: measurably inexact, but not garbage
+    # teacher forced along the baseline's tokens: predictions one position off would agree almost nowhere
+    forced = [r for r in rows if r["policy"] == "specache" and r["task"] == "forced_agreement"]
+    assert len(forced) == 2 and all(r["score"] >= 0.75 for r in forced)
     assert (tmp_path / "needle_baseline.png").exists() and (tmp_path / "needle_specache.png").exists()
 
 
@@ -46,6 +49,6 @@ def test_a_cut_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     else:
         raise AssertionError("the patched runner should have stopped the run")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    # 2 contexts x (needle + passkey at 3 depths, agreement, attention error) of the baseline, nothing else
-    assert len(rows) == 2 * (2 * 3 + 2) and {r["policy"] for r in rows} == {"baseline"}
+    # 2 contexts x (needle + passkey at 3 depths, agreement, attention error, forced agreement) of the baseline only
+    assert len(rows) == 2 * (2 * 3 + 3) and {r["policy"] for r in rows} == {"baseline"}
     assert (tmp_path / "needle_baseline.png").exists()

@@ -180,3 +180,48 @@ def test_generate_suppress_tokens_never_emits_them():
     banned = sorted(set(free[:, :3].flatten().tolist()))  # tokens it did pick, to make the mask bite
     out = specache.generate(m, ids, 10, attention_mask=mask, suppress_tokens=banned)
     assert not any(t in banned for t in out.flatten().tolist())
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_generate_forced_tokens_predicts_each_next_token_of_the_forced_history(speculative):
+    """Teacher forcing: step i feeds forced[:, i] and returns the model's prediction of the token after it. With top-k
+    covering the context the predictions are the unmodified model's on the same history; fed its own free-running
+    output, a top-8 model returns that output unchanged (the forcing adds nothing of its own)."""
+    from transformers import DynamicCache
+
+    from specache_compile.generate import _positions
+
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt()
+    forced = torch.randint(2, hf_models.VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    want, cache, m_ = [], DynamicCache(), mask
+    with torch.no_grad():
+        x = ids
+        for i in range(10):
+            out = base(input_ids=x, attention_mask=m_, position_ids=_positions(m_)[:, -x.shape[1] :],
+                       past_key_values=cache, use_cache=True)
+            want.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            x, m_ = forced[:, i : i + 1], torch.cat([m_, torch.ones_like(mask[:, :1])], dim=1)
+    want = torch.cat(want, dim=1)
+    assert not torch.equal(want, forced)  # the forced tokens are not the model's own
+    m = specache.compile(hf_models.twin(base), topk=512, window=16, group_size=16)
+    got = specache.generate(m, ids, 10, attention_mask=mask, speculative=speculative, forced_tokens=forced)
+    assert torch.equal(got, want)
+
+    torch._dynamo.reset()
+    m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16)
+    free = specache.generate(m, ids, 10, attention_mask=mask, speculative=speculative)
+    torch._dynamo.reset()
+    m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16)
+    assert torch.equal(specache.generate(m, ids, 10, attention_mask=mask, speculative=speculative,
+                                         forced_tokens=free), free)
+
+
+def test_generate_forced_tokens_bad_input():
+    base = hf_models.build("llama", layers=1)
+    ids, mask = _prompt(s=40)
+    m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16)
+    with pytest.raises(ValueError, match=r"forced_tokens expected shape \(2, 5\)"):
+        specache.generate(m, ids, 5, attention_mask=mask, forced_tokens=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="forced_tokens expected with cuda_graph=False"):
+        specache.generate(m, ids, 5, attention_mask=mask, cuda_graph=True, forced_tokens=torch.zeros(2, 5).long())
