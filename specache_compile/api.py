@@ -101,7 +101,8 @@ def memory(model: torch.nn.Module) -> dict[str, int]:
 
 def attention_error(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per-site relative error ||o - o_exact|| / ||o_exact|| of the policy's decode attention output against exact
-    attention over the same tokens, averaged over the decode steps run so far. Needs ``measure_error=True``."""
+    attention over the same tokens, averaged over the decode steps of the current sequence (a new prefill starts the
+    averages afresh). Needs ``measure_error=True``."""
     runtime = runtime_of(model)
     if not runtime.config.measure_error:
         raise ValueError(

@@ -225,3 +225,19 @@ def test_generate_forced_tokens_bad_input():
         specache.generate(m, ids, 5, attention_mask=mask, forced_tokens=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="forced_tokens expected with cuda_graph=False"):
         specache.generate(m, ids, 5, attention_mask=mask, cuda_graph=True, forced_tokens=torch.zeros(2, 5).long())
+
+
+def test_attention_error_covers_the_current_sequence():
+    """The accuracy harness's attn_rel_error row of a context reads the errors after that context's agreement run:
+    they must be that sequence's alone, not a running mean over the runner's earlier sequences."""
+    base = hf_models.build("llama", layers=2)
+    ids, mask = _prompt(s=120)
+    m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16, measure_error=True)
+    specache.generate(m, ids, 6, attention_mask=mask, speculative=False)
+    first = specache.attention_error(m)
+    assert first and all(e["steps"] == 5 for e in first.values())  # 5 decode steps after the prefill's token
+    specache.generate(m, ids[:, :80], 4, attention_mask=mask[:, :80], speculative=False)
+    assert all(e["steps"] == 3 for e in specache.attention_error(m).values())
+    specache.generate(m, ids, 6, attention_mask=mask, speculative=False)
+    again = specache.attention_error(m)
+    assert all(again[n]["steps"] == 5 and abs(again[n]["mean"] - first[n]["mean"]) < 1e-9 for n in first)
