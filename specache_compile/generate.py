@@ -93,9 +93,11 @@ def generate(
         if cuda_graph:
             raise ValueError("specache.generate: forced_tokens expected with cuda_graph=False, got cuda_graph=True; "
                              "fix: teacher-force without CUDA graphs")
-        if tuple(forced_tokens.shape) != (b, max_new_tokens):
+        if not isinstance(forced_tokens, torch.Tensor) or tuple(forced_tokens.shape) != (b, max_new_tokens):
+            tensor = isinstance(forced_tokens, torch.Tensor)
+            got = tuple(forced_tokens.shape) if tensor else type(forced_tokens).__name__
             raise ValueError(f"specache.generate: forced_tokens expected shape {(b, max_new_tokens)} "
-                             f"([B, max_new_tokens]), got {tuple(forced_tokens.shape)}")
+                             f"([B, max_new_tokens] tensor), got {got}")
         forced_tokens = forced_tokens.to(device=dev, dtype=input_ids.dtype)
 
     def fed(pred: torch.Tensor, i: int) -> torch.Tensor:

@@ -223,6 +223,8 @@ def test_generate_forced_tokens_bad_input():
     m = specache.compile(hf_models.twin(base), topk=8, window=16, group_size=16)
     with pytest.raises(ValueError, match=r"forced_tokens expected shape \(2, 5\)"):
         specache.generate(m, ids, 5, attention_mask=mask, forced_tokens=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="got list"):
+        specache.generate(m, ids, 5, attention_mask=mask, forced_tokens=[[1] * 5] * 2)
     with pytest.raises(ValueError, match="forced_tokens expected with cuda_graph=False"):
         specache.generate(m, ids, 5, attention_mask=mask, cuda_graph=True, forced_tokens=torch.zeros(2, 5).long())
 
