@@ -12,7 +12,9 @@ fetch time. Methods:
 - ``full``: the model with a StaticCache on the GPU, decode compiled with torch.compile (default mode), prefill eager;
 - ``full-packed``: the same, with a decode step's GQA query heads packed as rows of their KV head for SDPA instead of
   transformers' ``repeat_kv`` of the cache (which makes SDPA read the KV ``Hq / Hkv`` times: 1467 vs 195 us a layer
-  at 128K in bench/kernels.py); the fairer full-cache baseline;
+  at 128K in bench/kernels.py). Measured at 2fba97f: slower than ``full`` (91 vs 79 ms at 128K);
+- ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
+  ``enable_gqa``), which lets SDPA take its flash kernel: the fastest full cache SDPA offers, for comparison;
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
@@ -101,13 +103,35 @@ def _packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
 
 
-def _use_packed_gqa(model) -> None:
+def _exact_len_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                         kv_len=None, **kwargs):
+    """transformers' SDPA attention, except a one-token decode step given ``kv_len`` (the positions written so far,
+    the same for every row: the bench's prompts have no padding): SDPA over K/V[:, :, :kv_len] with no mask and the
+    GQA heads left to SDPA (``enable_gqa``), so it may take its flash kernel. A StaticCache hands attention its whole
+    capacity and a mask; that mask is what keeps ``full`` and ``full-packed`` off the 195 us-per-layer SDPA the kernel
+    bench measures at 128K. ``full-flash`` is the full cache without either."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or kv_len is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1  # a Python bool (the shapes are symbolic under dynamic=True)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key[:, :, :kv_len], value[:, :, :kv_len],
+                                                           scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_attention(model, name: str, fn) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register("sdpa_packed_gqa", _packed_gqa_attention)
-    AttentionMaskInterface.register("sdpa_packed_gqa", sdpa_mask)
-    model.set_attn_implementation("sdpa_packed_gqa")
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+
+
+def _use_packed_gqa(model) -> None:
+    _use_attention(model, "sdpa_packed_gqa", _packed_gqa_attention)
 
 
 def cache_bytes(cache, device_type: str) -> int:
@@ -176,8 +200,9 @@ def fetch_overlap(kernels: list[tuple[str, float, float]]) -> dict[str, float]:
     return {"fetch_busy_us": busy, "exposed_us": busy - covered}
 
 
-def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step):
-    """Plain greedy loop for the non-specache methods: chunked prefill, then one token per step."""
+def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step, pass_kv_len=False):
+    """Plain greedy loop for the non-specache methods: chunked prefill, then one token per step. pass_kv_len: decode
+    calls also get ``kv_len``, the positions written after the step's token (``full-flash``'s attention reads it)."""
     b, s = ids.shape
     dev = ids.device
     out = None
@@ -187,8 +212,9 @@ def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step)
                               cache_position=torch.arange(a, e, device=dev), logits_to_keep=1)
     tok = out.logits[:, -1:].argmax(-1)
     for i in range(n_steps - 1):
+        extra = {"kv_len": s + i + 1} if pass_kv_len else {}
         out = forward_decode(input_ids=tok, past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([s + i], device=dev), logits_to_keep=1)
+                             cache_position=torch.tensor([s + i], device=dev), logits_to_keep=1, **extra)
         tok = out.logits[:, -1:].argmax(-1)
         on_step(i)
     return tok
@@ -242,18 +268,20 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     kv_dev = host = 0
     hit = None
     with torch.no_grad():
-        if method in ("full", "full-packed"):
+        if method in ("full", "full-packed", "full-flash"):
             from transformers import StaticCache
 
             if method not in compiled:
                 compiled[method] = shared_copy(base)
                 if method == "full-packed":
                     _use_packed_gqa(compiled[method])
+                if method == "full-flash":
+                    _use_attention(compiled[method], "sdpa_exact_len", _exact_len_attention)
             m = compiled[method]
             # dynamic=True: one graph for every cache length (a static-shape graph per context costs a compile each)
             fwd = compiled.setdefault(method + "_fwd", torch.compile(m.forward, dynamic=True))
             cache = StaticCache(config=m.config, max_cache_len=ctx + total + 1)
-            greedy(m.forward, fwd, ids, cache, total, args.prefill_chunk, on_step)
+            greedy(m.forward, fwd, ids, cache, total, args.prefill_chunk, on_step, pass_kv_len=method == "full-flash")
             kv_dev = cache_bytes(cache, dev.type)
         elif method == "hf-offloaded":
             from transformers import DynamicCache
@@ -326,7 +354,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         # and the compiles they triggered (compile_s)
         "prefill_s": prof["prefill_end"] - t0 if "prefill_end" in prof else None,
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
-        "inner": {"full": "inductor", "hf-offloaded": "eager"}.get(method, args.inner),
+        "inner": "inductor" if method.startswith("full") else "eager" if method == "hf-offloaded" else args.inner,
     })
     if "p" in prof:
         # self time only: with --host-profile the CPU ops are recorded too, and an op's device_time_total holds its

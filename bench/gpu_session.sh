@@ -39,8 +39,8 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
-    decode)  # rows are written one by one: a cut run keeps the finished ones
-      timeout 480 python bench/decode.py --methods full specache-graph --contexts 8192 32768 131072 --extra \
+    decode)  # rows are written one by one: a cut run keeps the finished ones; full-flash: the full cache's best SDPA
+      timeout 570 python bench/decode.py --methods full full-flash specache-graph --contexts 8192 32768 131072 --extra \
         --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager >"$OUT/decode.log" 2>&1
       echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-300 ;;
     decode_packed)  # the fairer full-cache baseline (GQA heads packed, no repeat_kv) at the same contexts

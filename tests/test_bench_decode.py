@@ -46,3 +46,41 @@ def test_one_compute_kernel_covers_several_fetches():
     kernels = [("attention", 0.0, 100.0), ("gather_rows_kernel", 10.0, 20.0), ("gather_rows_kernel", 30.0, 40.0),
                ("gather_rows_kernel", 95.0, 110.0)]
     assert fetch_overlap(kernels) == {"fetch_busy_us": 35.0, "exposed_us": 10.0}
+
+
+def test_full_flash_decodes_the_same_tokens_as_full():
+    """bench/decode.py's full-flash baseline: SDPA over the written positions only, no mask, GQA left to SDPA. Its
+    greedy tokens and logits equal transformers' SDPA attention over the whole StaticCache with its mask."""
+    import torch
+    from transformers import StaticCache
+
+    from bench.decode import _exact_len_attention, _use_attention, build, greedy, shared_copy
+
+    torch.manual_seed(0)
+    base = build(tiny=True, device="cpu", layers=2)
+    flash = shared_copy(base)
+    kv_lens = []
+
+    def attention(*args, **kwargs):  # the exact-length path must really run: record what reaches it
+        kv_lens.append(kwargs.get("kv_len"))
+        return _exact_len_attention(*args, **kwargs)
+
+    _use_attention(flash, "sdpa_exact_len_test", attention)
+    ids = torch.randint(3, base.config.vocab_size, (2, 40))
+    logits = {}
+    for name, m in (("full", base), ("flash", flash)):
+        cache = StaticCache(config=m.config, max_cache_len=64)
+        seen = []
+
+        def fwd(m=m, seen=seen, **kw):
+            out = m(**kw)
+            seen.append(out.logits)
+            return out
+
+        greedy(m.forward, fwd, ids, cache, 8, 16, lambda i: None, pass_kv_len=name == "flash")
+        logits[name] = torch.cat(seen, 1)
+    assert logits["full"].shape == (2, 7, base.config.vocab_size)
+    assert torch.allclose(logits["flash"], logits["full"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits["flash"].argmax(-1), logits["full"].argmax(-1))
+    # 3 prefill chunks without kv_len, then 7 decode steps with the written length, in each of the 2 layers
+    assert kv_lens == [None] * 6 + [n for n in range(41, 48) for _ in range(2)]
