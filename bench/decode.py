@@ -14,7 +14,7 @@ fetch time. Methods:
   transformers' ``repeat_kv`` of the cache (which makes SDPA read the KV ``Hq / Hkv`` times: 1467 vs 195 us a layer
   at 128K in bench/kernels.py). Measured at 2fba97f: slower than ``full`` (91 vs 79 ms at 128K);
 - ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
-  ``enable_gqa``), which lets SDPA take its flash kernel: the fastest full cache SDPA offers, for comparison;
+  ``enable_gqa``), so SDPA may take its flash kernel (not yet measured on a GPU);
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
@@ -186,8 +186,10 @@ def fetch_overlap(kernels: list[tuple[str, float, float]]) -> dict[str, float]:
                 out.append([a, b])
         return out
 
-    fetch = union([(a, b) for n, a, b in kernels if any(f in n for f in FETCH_KERNELS)])
-    other = union([(a, b) for n, a, b in kernels if not any(f in n for f in FETCH_KERNELS)])
+    parts: dict[bool, list] = {True: [], False: []}  # is a fetch -> its intervals
+    for n, a, b in kernels:
+        parts[any(f in n for f in FETCH_KERNELS)].append((a, b))
+    fetch, other = union(parts[True]), union(parts[False])
     busy = sum(b - a for a, b in fetch)
     covered, j = 0.0, 0
     for a, b in fetch:  # both lists are sorted and disjoint: one sweep

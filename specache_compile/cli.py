@@ -77,6 +77,8 @@ def demo(args) -> int:
 
     import specache
 
+    from .evals.harness import kv_bytes_full
+
     console = Console()
     model, tok, what = _load(args)
     ref = None
@@ -99,10 +101,7 @@ def demo(args) -> int:
     if ref is not None:
         want, full_ms, _ = _timed_generate(ref, ids, args.new_tokens)
 
-    cfg = model.config
-    heads_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    full = 2 * cfg.num_hidden_layers * heads_kv * head_dim * (args.context + len(new)) * model.dtype.itemsize
+    full = kv_bytes_full(model, args.context + len(new))
     where = "GPU" if args.device.startswith("cuda") else args.device.upper()
     table = Table(title=f"full cache vs specache: {args.context}-token prompt, {len(new)} new tokens")
     table.add_column("")

@@ -85,9 +85,7 @@ class Runner:
             if specache.runtime_of(self.model).policy.speculative:
                 # SpeCache as published: pre-decoding, then [real, speculative] steps with prefetch; EOS masked as
                 # model.generate(min_new_tokens=n) masks it for the reference (else the sequences part at its EOS)
-                eos = getattr(self.model.generation_config, "eos_token_id", None)
-                eos = [eos] if isinstance(eos, int) else list(eos or [])
-                return specache.generate(self.model, x, n, suppress_tokens=eos)[0].tolist()
+                return specache.generate(self.model, x, n, suppress_tokens=self._eos())[0].tolist()
         with torch.no_grad():
             out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
         return out[0, len(ids) :].tolist()
@@ -99,10 +97,13 @@ class Runner:
         import specache
 
         x = torch.tensor([ids], device=self.model.device)
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])  # ref was generated with EOS masked (min_new_tokens)
         r = torch.tensor([ref], device=self.model.device)
-        return specache.generate(self.model, x, len(ref), suppress_tokens=eos, forced_tokens=r)[0].tolist()
+        # ref was generated with EOS masked (min_new_tokens): masked here too
+        return specache.generate(self.model, x, len(ref), suppress_tokens=self._eos(), forced_tokens=r)[0].tolist()
+
+    def _eos(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def compression(self, length: int) -> float | None:
         """Full-precision KV bytes at ``length`` / KV bytes specache keeps on the device (None: nothing kept)."""
@@ -247,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                 if ctx not in agree_ref:
                     agree_ref[ctx] = reference.generate(prompt, args.agree_tokens)
                 gen = run.generate(prompt, args.agree_tokens) if run is not reference else agree_ref[ctx]
-                same = sum(a == b for a, b in zip(gen, agree_ref[ctx])) / len(agree_ref[ctx])
                 emit(
                     {
                         "bench": "accuracy",
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         **common,
                         "depth": None,
                         "kv_compression": run.compression(ctx),
-                        "score": same,
+                        "score": _agreement(gen, agree_ref[ctx]),
                         "tokens": args.agree_tokens,
                         **env,
                     }
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 # next-token agreement along the full cache's tokens, where one early flip does not decide the rest
-                # as it does greedy agreement on near-tied continuations (after attn_rel_error: its decode steps
-                # would join that row's average)
+                # as it does greedy agreement on near-tied continuations (after attn_rel_error: the forced run is a new
+                # sequence, which starts the error averages afresh, so before it the row would read its errors)
                 forced = run.forced(prompt, agree_ref[ctx]) if run is not reference else agree_ref[ctx]
                 emit(
                     {
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         **common,
                         "depth": None,
                         "kv_compression": run.compression(ctx),
-                        "score": sum(a == b for a, b in zip(forced, agree_ref[ctx])) / len(agree_ref[ctx]),
+                        "score": _agreement(forced, agree_ref[ctx]),
                         "tokens": args.agree_tokens,
                         **env,
                     }
@@ -299,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]quick check failed: the full-cache model found the needle in {acc:.0%} of cells")
             return 1
     return 0
+
+
+def _agreement(tokens: list[int], ref: list[int]) -> float:
+    """The fraction of positions where ``tokens`` equals the full cache's ``ref``."""
+    return sum(a == b for a, b in zip(tokens, ref)) / len(ref)
 
 
 def _slug(spec: str) -> str:

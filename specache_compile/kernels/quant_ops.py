@@ -490,7 +490,7 @@ def quantize_group_static(src: torch.Tensor, offsets: torch.Tensor, codes: torch
     (same codes and scales: the kernels are the ops' own, with offsets added to the row indices)."""
     if kind not in ("keys", "values"):
         raise ValueError(f"quantize_group_static: kind expected 'keys' or 'values', got {kind!r}")
-    b, h, _, d = src.shape
+    d = src.shape[3]
     per = 8 // bits
     # the launchers' own conditions: codes packed along D (keys and values); values' channel groups whole bytes
     g = min(group, d)
