@@ -3,20 +3,22 @@
 # eat the next one's time; logs and rows go to $OUT (at most 8 files come back: keep them few).
 #
 #   run: bash bench/gpu_session.sh [steps...]
-#   steps: static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy
-#          accuracy2 (default: all, in order); accuracy_bg: every policy's accuracy grid, one niced process per
-#          policy in the background (the tiny model leaves the GPU idle: run it beside the GPU tests, never beside a
-#          timed step), waited for at the end
+#   steps (default: all, in order):
+#     baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies policies128: decode rows
+#       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
+#       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
+#     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
+#       the GPU idle: run it beside the GPU tests, never beside a timed step), waited for at the end
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it).
-# Measured at 2fba97f (one session, 6 calls): `accuracy_bg static tests` 549 s (the tests step was cut at its old
-# 330 s limit beside the accuracy processes and again alone: test_gpu.py's 8 non-static tests take 196 s, so 480 s
-# now; 14 of the 15 accuracy specs finished 1K-8K in 540 s, the KVComp host codec stopped at 4K); `decode` 370 s
-# (full's first row compiles for 106 s); full at 130048x4 runs out of memory in ~60 s; specache-graph at 130048x4
-# 203 s (prefill 202 s); `kernels` ~85 s; full-packed at 128K and 8K 115 s.
-# Still to run at one commit: `paths` and `paths128` (issue 4's methods beside full: hf-offloaded, specache at its
-# defaults, specache-noprefetch), `policies`, `policies2` (issue 6 at 32K; 128K rows per policy need as much again),
-# with `decode` in the same session so every ratio has its full-cache row.
+# Measured at 2fba97f (one session, 6 calls): `accuracy_bg static tests` 549 s (test_gpu.py's 8 non-static tests take
+# 196 s, so the tests step has 480 s; 14 of the 15 accuracy specs finished 1K-8K in 540 s, the KVComp host codec
+# stopped at 4K); full + specache-graph at 8K/32K/128K 370 s (full's first row compiles for 106 s); full at 130048x4
+# runs out of memory in ~60 s; specache-graph at 130048x4 203 s (prefill 202 s); `kernels` ~85 s; full-packed at
+# 128K and 8K 115 s. Earlier rows: hf-offloaded 6/16/85 s at 8K/32K/128K, specache 72-76 s at 8K/32K and 195 s at 128K.
+# One session's plan (6 calls on two machines, each machine's ratios against its own full rows):
+#   baselines offloaded | dynamic noprefetch | noprefetch128 graph graph1 ||
+#   accuracy_bg static tests | full2 policies | policies128 (decode_x4 where time is left)
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install -e . --no-deps -q >/dev/null 2>&1
-steps=${*:-static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy accuracy2}
+steps=${*:-baselines offloaded dynamic noprefetch noprefetch128 graph graph1 accuracy_bg static tests full2 policies policies128 decode_x4}
 pytest_gpu() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
@@ -39,33 +41,38 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
-    decode)  # rows are written one by one: a cut run keeps the finished ones; full-flash: the full cache's best SDPA
-      timeout 570 python bench/decode.py --methods full full-flash specache-graph --contexts 8192 32768 131072 --extra \
-        --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager >"$OUT/decode.log" 2>&1
-      echo "decode: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode.log" | cut -c1-300 ;;
-    decode_packed)  # the fairer full-cache baseline (GQA heads packed, no repeat_kv) at the same contexts
-      timeout 300 python bench/decode.py --methods full-packed --contexts 8192 32768 131072 --extra \
-        --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 >"$OUT/decode_packed.log" 2>&1
-      echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-300 ;;
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | policies128)
+      # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
+      # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
+      # from the same machine as the rows they are compared with.
+      all="8192 32768 131072"; pol="quant kcache kvcomp cake streaming snapkv specache-cake specache:host_codec=kvcomp"
+      fetch="--timed-fetch 2"
+      case $step in
+        baselines) ms="full full-flash"; cs=$all; lim=400; fetch="--timed-fetch 0" ;;
+        offloaded) ms="hf-offloaded"; cs=$all; lim=170 ;;
+        dynamic) ms="specache"; cs=$all; lim=380 ;;
+        noprefetch) ms="specache-noprefetch"; cs="8192 32768"; lim=200 ;;
+        noprefetch128) ms="specache-noprefetch"; cs="131072"; lim=200 ;;
+        graph) ms="specache-graph"; cs=$all; lim=240; fetch="--timed-fetch 0" ;;
+        graph1) ms="specache-graph:bits=1"; cs="32768 131072"; lim=200; fetch="--timed-fetch 0" ;;
+        full2) ms="full"; cs="32768 131072"; lim=200; fetch="--timed-fetch 0" ;;
+        policies) ms=$pol; cs="32768"; lim=420 ;;
+        policies128) ms=$pol; cs="131072"; lim=560 ;;
+      esac
+      # shellcheck disable=SC2086
+      timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
+        --inner eager --no-plot >"$OUT/$step.log" 2>&1
+      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300; decode_rows=1 ;;
     decode_x4)  # where the full cache runs out of memory: 4 x 127K (a power-of-two pinned block per store, 64 GiB)
       timeout 100 python bench/decode.py --methods full --contexts 130048 --batches 4 --extra --steps 4 \
         --warmup 2 --timed-fetch 0 --profile-steps 0 --no-plot >"$OUT/decode_x4.log" 2>&1
       timeout 300 python bench/decode.py --methods specache-graph --contexts 130048 --batches 4 --extra --steps 6 \
         --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager --no-plot >>"$OUT/decode_x4.log" 2>&1
-      echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-300 ;;
-    paths | paths128)  # issue 4's other methods: transformers' offloaded cache, specache's default (dynamic) path
-      if [ "$step" = paths ]; then cs="8192 32768"; else cs="131072"; fi
-      # shellcheck disable=SC2086
-      timeout 540 python bench/decode.py --methods hf-offloaded specache specache-noprefetch --contexts $cs --steps 6 \
-        --warmup 3 --timed-fetch 2 --profile-steps 1 --inner eager >"$OUT/$step.log" 2>&1
-      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300 ;;
-    policies | policies2)  # every other method at 32K (issue 6's table), two calls' worth
-      if [ "$step" = policies ]; then ms="specache specache-noprefetch quant kcache kvcomp"
-      else ms="cake streaming snapkv specache-cake specache-graph:bits=1 specache-graph:hit_every=1"; fi
-      # shellcheck disable=SC2086
-      timeout 400 python bench/decode.py --methods $ms --contexts 32768 --extra --steps 6 --warmup 3 \
-        --timed-fetch 2 --profile-steps 1 --inner eager >"$OUT/$step.log" 2>&1
-      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300 ;;
+      echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-300; decode_rows=1 ;;
+    decode_packed)  # the full cache with GQA heads packed (no repeat_kv): slower than full at 2fba97f
+      timeout 300 python bench/decode.py --methods full-packed --contexts 8192 32768 131072 --extra \
+        --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --no-plot >"$OUT/decode_packed.log" 2>&1
+      echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-300; decode_rows=1 ;;
     accuracy | accuracy2)  # the full grid in two calls' worth of policies, rows per cell; heatmaps tarred
       if [ "$step" = accuracy ]; then ps="baseline specache specache:bits=1 full quant kvcomp"
       else ps="streaming:budget=0.15 snapkv:budget=0.15 cake:budget=0.15 kcache specache:layer_budgets=cake
@@ -88,7 +95,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: static tests kernels decode decode_packed decode_x4 paths paths128 policies policies2 accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: static tests kernels baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies policies128 decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
@@ -96,6 +103,6 @@ if [ -n "${bg_accuracy:-}" ]; then
   tar czf "$OUT/accuracy_bg.tgz" bench/results/accuracy_bg
 fi
 # the rows (appended to the copies in the working tree the device received): back with the logs
-case " $steps " in *" decode"*|*" policies"*|*" paths"*) cp bench/results/decode.jsonl "$OUT/" ;; esac
+if [ -n "${decode_rows:-}" ]; then cp bench/results/decode.jsonl "$OUT/"; fi
 case " $steps " in *" kernels "*) cp bench/results/kernels.jsonl "$OUT/" ;; esac
 ls "$OUT"
