@@ -4,7 +4,8 @@
 #
 #   run: bash bench/gpu_session.sh [steps...]
 #   steps (default: all, in order):
-#     baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies policies128: decode rows
+#     baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b:
+#       decode rows
 #       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
@@ -16,9 +17,10 @@
 # stopped at 4K); full + specache-graph at 8K/32K/128K 370 s (full's first row compiles for 106 s); full at 130048x4
 # runs out of memory in ~60 s; specache-graph at 130048x4 203 s (prefill 202 s); `kernels` ~85 s; full-packed at
 # 128K and 8K 115 s. Earlier rows: hf-offloaded 6/16/85 s at 8K/32K/128K, specache 72-76 s at 8K/32K and 195 s at 128K.
-# One session's plan (6 calls on two machines, each machine's ratios against its own full rows):
-#   baselines offloaded | dynamic noprefetch | noprefetch128 graph graph1 ||
-#   accuracy_bg static tests | full2 policies | policies128 (decode_x4 where time is left)
+# Session 6 (564316c), first machine: `baselines offloaded` 458 s, `dynamic noprefetch` 302 s, `noprefetch128 graph
+# graph1` 532 s (graph1 then ran 32K and 128K: cut at 200 s after 32K), `policies` cut at 420 s before its last
+# method. Second machine: `full2 graph1 codec`, then `policies128`, `policies128b` (each ratio against the same
+# machine's full rows).
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install -e . --no-deps -q >/dev/null 2>&1
-steps=${*:-baselines offloaded dynamic noprefetch noprefetch128 graph graph1 accuracy_bg static tests full2 policies policies128 decode_x4}
+steps=${*:-baselines offloaded dynamic noprefetch noprefetch128 graph graph1 policies codec full2 policies128 policies128b accuracy_bg static tests decode_x4}
 pytest_gpu() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m pytest -m gpu --tb=long -p no:logging -p no:cacheprovider "$@" >"$OUT/$name.log" 2>&1
@@ -41,7 +43,7 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
-    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | policies128)
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b)
       # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
       # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
       # from the same machine as the rows they are compared with.
@@ -54,10 +56,12 @@ for step in $steps; do
         noprefetch) ms="specache-noprefetch"; cs="8192 32768"; lim=200 ;;
         noprefetch128) ms="specache-noprefetch"; cs="131072"; lim=200 ;;
         graph) ms="specache-graph"; cs=$all; lim=240; fetch="--timed-fetch 0" ;;
-        graph1) ms="specache-graph:bits=1"; cs="32768 131072"; lim=200; fetch="--timed-fetch 0" ;;
+        graph1) ms="specache-graph:bits=1"; cs="131072"; lim=200; fetch="--timed-fetch 0" ;;
         full2) ms="full"; cs="32768 131072"; lim=200; fetch="--timed-fetch 0" ;;
         policies) ms=$pol; cs="32768"; lim=420 ;;
-        policies128) ms=$pol; cs="131072"; lim=560 ;;
+        codec) ms="specache:host_codec=kvcomp"; cs="32768"; lim=150 ;;
+        policies128) ms="quant kcache kvcomp cake"; cs="131072"; lim=560 ;;
+        policies128b) ms="streaming snapkv specache-cake specache:host_codec=kvcomp"; cs="131072"; lim=560 ;;
       esac
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
@@ -95,7 +99,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: static tests kernels baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies policies128 decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: static tests kernels baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
