@@ -44,6 +44,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specache  # noqa: E402
@@ -103,6 +104,9 @@ def _packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0
     return out.reshape(b, hq, 1, -1).transpose(1, 2).contiguous(), None
 
 
+_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _exact_len_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                          kv_len=None, **kwargs):
     """transformers' SDPA attention, except a one-token decode step given ``kv_len`` (the positions written so far,
@@ -116,8 +120,11 @@ def _exact_len_attention(module, query, key, value, attention_mask, dropout=0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1  # a Python bool (the shapes are symbolic under dynamic=True)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key[:, :, :kv_len], value[:, :, :kv_len],
-                                                           scale=scaling, enable_gqa=gqa)
+    # not cuDNN: on the H100 (564316c) SDPA took it, and it spent 10 ms of host time per call, a new plan for every
+    # kv_len (bench/results/decode_3da8322/host_profile_full-flash_8192x1.txt), which made the step 6-10x its GPU time
+    with sdpa_kernel(_NOT_CUDNN):
+        out = torch.nn.functional.scaled_dot_product_attention(query, key[:, :, :kv_len], value[:, :, :kv_len],
+                                                               scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 

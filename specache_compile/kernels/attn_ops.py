@@ -561,14 +561,36 @@ def _(q, k, v, bias, softmax_scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+# An explicit mask's elements per SDPA call in exact_attention (2^28: 512 MiB as a bf16 bias). SDPA's CUDA kernels
+# take a boolean mask as a bias of the query's dtype, a copy of the mask's whole shape: a one-call prefill of 128K
+# tokens (the policies that keep no full-precision KV prefill in one call) asked for a 32 GiB one on the H100 and ran
+# out of memory (bench/results/decode_3da8322/policies128.log).
+EXACT_MASK_ELEMS = 1 << 28
+
+
 def exact_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float
 ) -> torch.Tensor:
-    """SDPA over full-precision k, v [B, Hkv, N, D] (GQA through enable_gqa): prefill attention."""
+    """SDPA over full-precision k, v [B, Hkv, N, D] (GQA through enable_gqa): prefill attention. With an explicit
+    mask of more than EXACT_MASK_ELEMS elements that varies along the query rows, SDPA runs over pieces of the query
+    rows (and the mask's matching rows): every row's output is the same computation, and no temporary is larger than
+    a piece's bias."""
     hq, hkv = q.shape[1], k.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv
-    )
+
+    def sdpa(q_, m_):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q_, k, v, attn_mask=m_, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv
+        )
+
+    sq = q.shape[2]
+    if mask is None or mask.dim() < 2 or mask.shape[-2] != sq or sq == 1 or mask.numel() <= EXACT_MASK_ELEMS:
+        return sdpa(q, mask)
+    rows = max(1, EXACT_MASK_ELEMS // (mask.numel() // sq))
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for a in range(0, sq, rows):
+        e = min(sq, a + rows)
+        out[:, :, a:e] = sdpa(q[:, :, a:e], mask[..., a:e, :])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
