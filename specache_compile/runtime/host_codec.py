@@ -12,7 +12,9 @@ offset group (``group`` rows, the payload's unit) has arrived; the last < group 
 
 Limits, measured or not: the payload lives in CPU memory and compression runs on the CPU (a device->host copy and a
 host sync per written token); on a GPU the gather decodes on the CPU and copies the rows over. Growth re-concatenates
-the payload every ``group`` tokens (``append_rows``), O(N) each time. Tested on CPU only; not timed on the GPU.
+the payload every ``group`` tokens (``append_rows``), O(N) each time. On the H100 at 32K (Llama-3-8B shape, 3da8322):
+2.7 s a decode step against 175 ms for specache with the plain pinned store, 1.5 GiB of host KV against 4.0 GiB
+(bench/results/decode.jsonl).
 """
 
 from __future__ import annotations
