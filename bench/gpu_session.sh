@@ -19,8 +19,12 @@
 # 128K and 8K 115 s. Earlier rows: hf-offloaded 6/16/85 s at 8K/32K/128K, specache 72-76 s at 8K/32K and 195 s at 128K.
 # Session 6 (564316c), first machine: `baselines offloaded` 458 s, `dynamic noprefetch` 302 s, `noprefetch128 graph
 # graph1` 532 s (graph1 then ran 32K and 128K: cut at 200 s after 32K), `policies` cut at 420 s before its last
-# method. Second machine: `full2 graph1 codec`, then `policies128`, `policies128b` (each ratio against the same
-# machine's full rows).
+# method. Second machine (3da8322): `full2 graph1` ~360 s (full's compile 86 s, specache-graph:bits=1 at 128K 150 s),
+# `codec` needs ~290 s at 32K (prefill 207 s; cut at 150 s once), `policies128` 151 s: kcache decoded, quant, kvcomp,
+# cake ran out of memory in the one-call prefill (fixed in 47ada3e, exact_attention in pieces), as did streaming and
+# snapkv; specache-cake at 128K ~200 s.
+# Next: `baselines` again (full-flash kept off cuDNN: its step was host-bound), then `full2 policies128 policies128b`
+# on one machine (the 128K rows of the one-call-prefill policies have never run).
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -59,9 +63,9 @@ for step in $steps; do
         graph1) ms="specache-graph:bits=1"; cs="131072"; lim=200; fetch="--timed-fetch 0" ;;
         full2) ms="full"; cs="32768 131072"; lim=200; fetch="--timed-fetch 0" ;;
         policies) ms=$pol; cs="32768"; lim=420 ;;
-        codec) ms="specache:host_codec=kvcomp"; cs="32768"; lim=150 ;;
+        codec) ms="specache:host_codec=kvcomp"; cs="32768"; lim=320 ;;
         policies128) ms="quant kcache kvcomp cake"; cs="131072"; lim=560 ;;
-        policies128b) ms="streaming snapkv specache-cake specache:host_codec=kvcomp"; cs="131072"; lim=560 ;;
+        policies128b) ms="streaming snapkv specache-cake"; cs="131072"; lim=560 ;;
       esac
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
