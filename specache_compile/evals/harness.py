@@ -114,6 +114,17 @@ class Runner:
         dev = specache.memory(self.model)["device"]
         return kv_bytes_full(self.model, length) / dev if dev else None
 
+    def prefetch_hit_rate(self) -> float | None:
+        """The share of the real steps' top-k positions that the speculative step had prefetched, over every site of
+        the current sequence (a new sequence starts the counts afresh); None where nothing was prefetched."""
+        if self.name == "baseline":
+            return None
+        import specache
+
+        store = specache.stats(self.model)["store"].values()
+        sampled = sum(s.get("prefetch_sampled", 0) for s in store)
+        return sum(s.get("prefetch_hits", 0) for s in store) / sampled if sampled else None
+
     def attention_error(self) -> float | None:
         if self.name == "baseline":
             return 0.0
@@ -271,6 +282,20 @@ def main(argv: list[str] | None = None) -> int:
                         **env,
                     }
                 )
+                # the speculative prefetch's hit rate over the greedy run on trained weights (the decode bench's random
+                # weights make attention near uniform, so its top-k, and its hit rate, near random)
+                emit(
+                    {
+                        "bench": "accuracy",
+                        "task": "prefetch_hit_rate",
+                        **common,
+                        "depth": None,
+                        "kv_compression": run.compression(ctx),
+                        "score": run.prefetch_hit_rate(),
+                        "tokens": args.agree_tokens,
+                        **env,
+                    }
+                )
                 # next-token agreement along the full cache's tokens, where one early flip does not decide the rest
                 # as it does greedy agreement on near-tied continuations (after attn_rel_error: the forced run is a new
                 # sequence, which starts the error averages afresh, so before it the row would read its errors)
@@ -327,7 +352,7 @@ def _summary(console, rows, runners, contexts) -> None:
     table.add_column("policy")
     for c in contexts:
         table.add_column(str(c), justify="right")
-    for task in ("needle", "passkey", "agreement", "forced_agreement", "attn_rel_error"):
+    for task in ("needle", "passkey", "agreement", "forced_agreement", "attn_rel_error", "prefetch_hit_rate"):
         for run in runners:
             cells = []
             for c in contexts:

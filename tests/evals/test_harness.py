@@ -26,6 +26,10 @@ def test_quick_eval_finds_the_needle(tmp_path):
     # teacher forced along the baseline's tokens: predictions one position off would agree almost nowhere
     forced = [r for r in rows if r["policy"] == "specache" and r["task"] == "forced_agreement"]
     assert len(forced) == 2 and all(r["score"] >= 0.75 for r in forced)
+    # the speculative prefetch's hit rate, per context: a share, counted by the specache runs only
+    hits = [r for r in rows if r["task"] == "prefetch_hit_rate"]
+    assert len(hits) == 4 and all(r["score"] is None for r in hits if r["policy"] == "baseline")
+    assert all(0 < r["score"] <= 1 for r in hits if r["policy"] == "specache")
     assert (tmp_path / "needle_baseline.png").exists() and (tmp_path / "needle_specache.png").exists()
 
 
@@ -49,6 +53,7 @@ def test_a_cut_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     else:
         raise AssertionError("the patched runner should have stopped the run")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    # 2 contexts x (needle + passkey at 3 depths, agreement, attention error, forced agreement) of the baseline only
-    assert len(rows) == 2 * (2 * 3 + 3) and {r["policy"] for r in rows} == {"baseline"}
+    # 2 contexts x (needle + passkey at 3 depths, agreement, attention error, hit rate, forced agreement) of the
+    # baseline only
+    assert len(rows) == 2 * (2 * 3 + 4) and {r["policy"] for r in rows} == {"baseline"}
     assert (tmp_path / "needle_baseline.png").exists()
