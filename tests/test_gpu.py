@@ -196,3 +196,22 @@ def test_cuda_store_writes_and_reads_do_not_wait_for_the_gpu():
     assert still_busy, "a store write or read waited for the device"
     want = torch.cat([one, one, many], dim=2)
     assert torch.equal(got, want) and torch.equal(g.view(1000, 1602), want.cpu())
+
+
+def test_cuda_exact_attention_in_pieces_equals_one_call(monkeypatch):
+    """The prefill's SDPA over pieces of the query rows (kernels/attn_ops.exact_attention) on CUDA, bf16, GQA, a boolean
+    left-padded causal mask: the same rows as one call (the 128K one-call prefill ran out of memory without it)."""
+    from specache_compile.kernels import attn_ops
+
+    torch.manual_seed(0)
+    b, hq, hkv, s, d = 2, 8, 2, 1000, 128
+    dev = "cuda"
+    q = torch.randn(b, hq, s, d, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None].repeat(b, 1, 1, 1)
+    mask[1, :, :, :7] = False
+    mask[1, :, :7, 0] = True  # no all-masked row
+    want = attn_ops.exact_attention(q, k, v, mask, False, d**-0.5)
+    monkeypatch.setattr(attn_ops, "EXACT_MASK_ELEMS", b * s * 96)  # pieces of 96 query rows
+    got = attn_ops.exact_attention(q, k, v, mask, False, d**-0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
