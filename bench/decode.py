@@ -14,7 +14,8 @@ fetch time. Methods:
   transformers' ``repeat_kv`` of the cache (which makes SDPA read the KV ``Hq / Hkv`` times: 1467 vs 195 us a layer
   at 128K in bench/kernels.py). Measured at 2fba97f: slower than ``full`` (91 vs 79 ms at 128K);
 - ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
-  ``enable_gqa``), so SDPA may take its flash kernel (not yet measured on a GPU);
+  ``enable_gqa``), so SDPA may take its flash kernel. Measured at 564316c: 7.0 / 8.0 / 12.2 ms of GPU time a step at
+  8K / 32K / 128K, with a host-bound step (SDPA took cuDNN); kept off cuDNN since, not yet rerun;
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
@@ -49,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specache  # noqa: E402
 from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
-from specache_compile.evals.harness import parse_policy  # noqa: E402
+from specache_compile.evals.harness import parse_policy, prefetch_hit_rate  # noqa: E402
 from specache_compile.runtime.streams import FetchTimer  # noqa: E402
 
 
@@ -332,10 +333,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                               cuda_graph=method == "specache-graph")
             mem = specache.memory(m)
             kv_dev, host = mem["device"], mem["host"]
-            st = specache.stats(m)["store"]
-            hits = sum(s.get("prefetch_hits", 0) for s in st.values())
-            sampled = sum(s.get("prefetch_sampled", 0) for s in st.values())
-            hit = hits / sampled if sampled else None
+            hit = prefetch_hit_rate(m)
             timer, runtime.streams.timer = runtime.streams.timer, None
             if timer is not None and cuda:
                 f = timer.summary()

@@ -62,6 +62,16 @@ def kv_bytes_full(model, length: int, batch: int = 1) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * length * batch * model.dtype.itemsize
 
 
+def prefetch_hit_rate(model) -> float | None:
+    """The share of the real steps' top-k positions that the speculative steps had prefetched, summed over every site
+    of a specache-compiled model's current sequence; None where nothing was prefetched (the decode bench's rows too)."""
+    import specache
+
+    store = specache.stats(model)["store"].values()
+    sampled = sum(s.get("prefetch_sampled", 0) for s in store)
+    return sum(s.get("prefetch_hits", 0) for s in store) / sampled if sampled else None
+
+
 class Runner:
     """One policy over one copy of the model."""
 
@@ -117,13 +127,7 @@ class Runner:
     def prefetch_hit_rate(self) -> float | None:
         """The share of the real steps' top-k positions that the speculative step had prefetched, over every site of
         the current sequence (a new sequence starts the counts afresh); None where nothing was prefetched."""
-        if self.name == "baseline":
-            return None
-        import specache
-
-        store = specache.stats(self.model)["store"].values()
-        sampled = sum(s.get("prefetch_sampled", 0) for s in store)
-        return sum(s.get("prefetch_hits", 0) for s in store) / sampled if sampled else None
+        return None if self.name == "baseline" else prefetch_hit_rate(self.model)
 
     def attention_error(self) -> float | None:
         if self.name == "baseline":
