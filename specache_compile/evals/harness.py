@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         write_rows(out.name, [row]) if out.parent == RESULTS else _append(out, [row])
 
+    def emit_whole(run: Runner, ctx: int, common: dict, task: str, score, **extra) -> None:
+        # a row of a task over one context's whole sequence (no depth); kv_compression read as it is emitted
+        emit({"bench": "accuracy", "task": task, **common, "depth": None, "kv_compression": run.compression(ctx),
+              "score": score, **extra, **env})
+
     contexts = sorted(args.contexts)
     runners = [Runner(base, spec, args.device, defaults) for spec in args.policies]
     # the full-cache reference for greedy agreement: the baseline runner, or one made for it
@@ -263,59 +268,17 @@ def main(argv: list[str] | None = None) -> int:
                 if ctx not in agree_ref:
                     agree_ref[ctx] = reference.generate(prompt, args.agree_tokens)
                 gen = run.generate(prompt, args.agree_tokens) if run is not reference else agree_ref[ctx]
-                emit(
-                    {
-                        "bench": "accuracy",
-                        "task": "agreement",
-                        **common,
-                        "depth": None,
-                        "kv_compression": run.compression(ctx),
-                        "score": _agreement(gen, agree_ref[ctx]),
-                        "tokens": args.agree_tokens,
-                        **env,
-                    }
-                )
-                emit(
-                    {
-                        "bench": "accuracy",
-                        "task": "attn_rel_error",
-                        **common,
-                        "depth": None,
-                        "kv_compression": run.compression(ctx),
-                        "score": run.attention_error(),
-                        **env,
-                    }
-                )
+                emit_whole(run, ctx, common, "agreement", _agreement(gen, agree_ref[ctx]), tokens=args.agree_tokens)
+                emit_whole(run, ctx, common, "attn_rel_error", run.attention_error())
                 # the speculative prefetch's hit rate over the greedy run on trained weights (the decode bench's random
                 # weights make attention near uniform, so its top-k, and its hit rate, near random)
-                emit(
-                    {
-                        "bench": "accuracy",
-                        "task": "prefetch_hit_rate",
-                        **common,
-                        "depth": None,
-                        "kv_compression": run.compression(ctx),
-                        "score": run.prefetch_hit_rate(),
-                        "tokens": args.agree_tokens,
-                        **env,
-                    }
-                )
+                emit_whole(run, ctx, common, "prefetch_hit_rate", run.prefetch_hit_rate(), tokens=args.agree_tokens)
                 # next-token agreement along the full cache's tokens, where one early flip does not decide the rest
                 # as it does greedy agreement on near-tied continuations (after attn_rel_error: the forced run is a new
                 # sequence, which starts the error averages afresh, so before it the row would read its errors)
                 forced = run.forced(prompt, agree_ref[ctx]) if run is not reference else agree_ref[ctx]
-                emit(
-                    {
-                        "bench": "accuracy",
-                        "task": "forced_agreement",
-                        **common,
-                        "depth": None,
-                        "kv_compression": run.compression(ctx),
-                        "score": _agreement(forced, agree_ref[ctx]),
-                        "tokens": args.agree_tokens,
-                        **env,
-                    }
-                )
+                emit_whole(run, ctx, common, "forced_agreement", _agreement(forced, agree_ref[ctx]),
+                           tokens=args.agree_tokens)
                 progress.advance(bar)
             # this policy's heatmap as soon as its grid is done (a cut run keeps the finished ones)
             heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
