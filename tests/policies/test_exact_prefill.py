@@ -33,18 +33,23 @@ def _inputs(mask_kind):
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "float"])
-def test_pieces_of_query_rows_equal_one_sdpa_call(monkeypatch, mask_kind):
-    q, k, v, mask = _inputs(mask_kind)
-    want = attn_ops.exact_attention(q, k, v, mask, False, 0.25)
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
+def _sdpa_query_rows(monkeypatch) -> list[int]:
+    """The query rows of every SDPA call from now on, in order."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
 
     def counting(*a, **kw):
         calls.append(a[0].shape[2])
         return real(*a, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_pieces_of_query_rows_equal_one_sdpa_call(monkeypatch, mask_kind):
+    q, k, v, mask = _inputs(mask_kind)
+    want = attn_ops.exact_attention(q, k, v, mask, False, 0.25)
+    calls = _sdpa_query_rows(monkeypatch)
     monkeypatch.setattr(attn_ops, "EXACT_MASK_ELEMS", 2 * 37 * 8)  # 8 query rows of both batch rows a piece
     got = attn_ops.exact_attention(q, k, v, mask, False, 0.25)
     assert calls == [8, 8, 8, 8, 5]
@@ -54,15 +59,12 @@ def test_pieces_of_query_rows_equal_one_sdpa_call(monkeypatch, mask_kind):
 
 def test_small_or_broadcast_masks_take_one_call(monkeypatch):
     q, k, v, mask = _inputs("bool")
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _sdpa_query_rows(monkeypatch)
     attn_ops.exact_attention(q, k, v, mask, False, 0.25)  # under the limit
     monkeypatch.setattr(attn_ops, "EXACT_MASK_ELEMS", 16)
     attn_ops.exact_attention(q, k, v, None, True, 0.25)  # no mask
     attn_ops.exact_attention(q, k, v, mask[:, :, -1:], False, 0.25)  # one mask row for every query row
-    assert calls == [1, 1, 1]
+    assert calls == [37, 37, 37]
 
 
 @pytest.mark.parametrize("policy", ["streaming", "quant"])
