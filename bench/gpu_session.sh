@@ -5,7 +5,8 @@
 #   run: bash bench/gpu_session.sh [steps...]
 #   steps (default: all, in order):
 #     baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b:
-#       decode rows
+#       decode rows; rows: the methods $ROWS_METHODS at the contexts $ROWS_CONTEXTS under $ROWS_LIMIT seconds;
+#       exact: the GPU test of exact_attention in pieces
 #       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
@@ -47,7 +48,9 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
-    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b)
+    exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
+      pytest_gpu gpu_exact 90 tests/test_gpu.py -k exact_attention ;;
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows)
       # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
       # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
       # from the same machine as the rows they are compared with.
@@ -66,6 +69,7 @@ for step in $steps; do
         codec) ms="specache:host_codec=kvcomp"; cs="32768"; lim=320 ;;
         policies128) ms="quant kcache kvcomp cake"; cs="131072"; lim=560 ;;
         policies128b) ms="streaming snapkv specache-cake"; cs="131072"; lim=560 ;;
+        rows) ms=${ROWS_METHODS:?set ROWS_METHODS}; cs=${ROWS_CONTEXTS:?set ROWS_CONTEXTS}; lim=${ROWS_LIMIT:-300} ;;
       esac
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
@@ -103,7 +107,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: static tests kernels baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
