@@ -25,6 +25,7 @@ without Triton):
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ try:
     import triton
     from torch.library import wrap_triton
 
-    from .triton.kvcomp import kvcomp_gather_rows_kernel, kvcomp_pv_kernel, kvcomp_scores_kernel
+    from .triton.kvcomp import (
+        kvcomp_gather_rows_kernel,
+        kvcomp_pv_kernel,
+        kvcomp_scores_kernel,
+        kvcomp_stage_rows_kernel,
+    )
 
     HAS_TRITON = True
 except ImportError:  # keep `import specache` working without Triton: the reference ops below
@@ -434,9 +440,17 @@ def _kvcomp_gather_rows_triton(idx, words, base, rel, scale, min_int, lut, group
     if out.numel() == 0:
         return out
     scale, min_int = scale.contiguous(), min_int.contiguous()
-    wrap_triton(kvcomp_gather_rows_kernel)[(triton.cdiv(k, _ROWS_BLOCK_K), h, b)](
+    _launch_gather_rows(wrap_triton(kvcomp_gather_rows_kernel), idx, words, words.numel(), base, rel, scale, min_int,
+                        lut, out, n, group, max_len)
+    return out
+
+
+def _launch_gather_rows(kernel, idx, words, n_words, base, rel, scale, min_int, lut, out, n, group, max_len):
+    """kvcomp_gather_rows_kernel (``kernel``: itself, or wrap_triton'd where a graph may trace it) over out's rows."""
+    b, h, k, d = out.shape
+    kernel[(triton.cdiv(k, _ROWS_BLOCK_K), h, b)](
         idx, words, base, rel, scale, min_int, lut, out,
-        n, k, d, words.numel(),
+        n, k, d, n_words,
         idx.stride(0), idx.stride(1), idx.stride(2),
         base.stride(0), base.stride(1), base.stride(2),
         rel.stride(0), rel.stride(1), rel.stride(2),
@@ -444,6 +458,78 @@ def _kvcomp_gather_rows_triton(idx, words, base, rel, scale, min_int, lut, group
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         G=group, MAX_LEN=max_len, BLOCK_K=_ROWS_BLOCK_K, num_warps=1,
     )
+
+
+def stage_words(d: int, max_len: int) -> int:
+    """Scratch words per row of :func:`gather_rows_into` (a power of two): a row's worst case, every value a
+    max_len-bit code starting at bit 31 of its first word, plus the word the decoder peeks past it."""
+    return triton.next_power_of_2(-(-(31 + d * max_len) // 32) + 1) if HAS_TRITON else 0
+
+
+def gather_rows_into(out: torch.Tensor, idx: torch.Tensor, words: torch.Tensor, n_words: int, base: torch.Tensor,
+                     rel: torch.Tensor, scale: torch.Tensor, min_int: torch.Tensor, lut: torch.Tensor, group: int,
+                     max_len: int) -> torch.Tensor:
+    """``out [B, H, K, D] = rows idx [B, H, K]`` of a row payload (:func:`compress_rows`'s layout, any strides) whose
+    tensors may live in pinned host memory: the compressed host copy of runtime/host_codec.py. Zero rows for indices
+    outside [0, N). ``n_words``: the stream's written length (``words`` may be a larger buffer).
+
+    Not a torch.library op: like quant_ops.gather_rows it moves data between memories and runs only inside the
+    runtime. On CUDA two kernels, on the current stream, with no host sync: ``kvcomp_stage_rows`` copies each row's
+    compressed words (and its base, offset, scale, min) into a device scratch, reading pinned host memory in place
+    (one independent load per word: a row costs one trip over the bus, and only its compressed bytes cross), then
+    ``kvcomp_gather_rows`` decodes the scratch (G = 1, idx = k). The caller keeps the host tensors alive and unwritten
+    until the kernels ran (runtime/host_codec.py: its buffers only grow, and growth waits for the device). Elsewhere
+    the reference, on the payload's device, copied into ``out``.
+    """
+    if not (HAS_TRITON and out.is_cuda):
+        b, h, _, d = out.shape
+        book = Codebook(lut.new_zeros(0, dtype=torch.int64), lut.new_zeros(0, dtype=torch.int64), lut.to(words.device),
+                        max_len)
+        p = RowPayload(words[:n_words], base, rel, scale, min_int, book, group, (b, h, scale.shape[2], d), out.dtype)
+        return out.copy_(gather_decompress_reference(p, idx.to(words.device)))
+    return _gather_rows_into_triton(out, idx, words, n_words, base, rel, scale, min_int, lut, group, max_len)
+
+
+def _gather_rows_into_triton(out, idx, words, n_words, base, rel, scale, min_int, lut, group, max_len):
+    b, h, k, d = out.shape
+    n = scale.shape[2]
+    if scale.stride() != min_int.stride():
+        raise ValueError(f"gather_rows_into: expected scale and min_int laid out alike, got strides {scale.stride()} "
+                         f"and {min_int.stride()}; fix: keep them in buffers of one shape")
+    if k == 0 or out.numel() == 0:
+        return out
+    from .quant_ops import _HostPointer
+
+    w = stage_words(d, max_len)
+    if b * h * k * w >= 2**31:
+        raise ValueError(f"gather_rows_into: expected B*H*K*{w} < 2**31 scratch words, got B={b} H={h} K={k}; fix: "
+                         "fetch fewer rows per call")
+    dev = out.device
+    idx = idx.to(dev, non_blocking=True)
+    swords = torch.empty(b * h * k * w, dtype=torch.int32, device=dev)
+    sbase = torch.empty((b, h, k), dtype=torch.int32, device=dev)
+    srel = torch.empty((b, h, k), dtype=torch.int16, device=dev)
+    sscale = torch.empty((b, h, k), dtype=scale.dtype, device=dev)
+    smin = torch.empty((b, h, k), dtype=min_int.dtype, device=dev)
+
+    def ptr(t: torch.Tensor):
+        return t if t.device == dev else _HostPointer(t)  # pinned host memory, read in place (UVA)
+
+    grid = (triton.cdiv(k, _ROWS_BLOCK_K), h, b)
+    # (a CPU ``out`` only under TRITON_INTERPRET=1, as the tests run it)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        kvcomp_stage_rows_kernel[grid](
+            idx, ptr(words), ptr(base), ptr(rel), ptr(scale), ptr(min_int), swords, sbase, srel, sscale, smin,
+            n, k, n_words,
+            idx.stride(0), idx.stride(1), idx.stride(2),
+            base.stride(0), base.stride(1), base.stride(2),
+            rel.stride(0), rel.stride(1), rel.stride(2),
+            scale.stride(0), scale.stride(1), scale.stride(2),
+            G=group, W=w, BLOCK_K=_ROWS_BLOCK_K, num_warps=4,
+        )
+        ar = torch.arange(k, device=dev).expand(b, h, k)
+        _launch_gather_rows(kvcomp_gather_rows_kernel, ar, swords, swords.numel(), sbase, srel, sscale, smin,
+                            lut.to(dev, non_blocking=True), out, k, 1, max_len)
     return out
 
 

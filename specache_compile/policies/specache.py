@@ -102,10 +102,10 @@ class SpeCachePolicy(Policy):
         self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step
         self._cands: dict[str, int] = {}  # site -> candidate tokens after its prefill (the cap of its top-k)
 
-    def new_host_codec(self):
+    def new_host_codec(self, host="cpu", pin: bool = False, capacity: int = 0):
         from ..runtime.host_codec import KVCompHostStore
 
-        return KVCompHostStore(rel=self.host_rel)
+        return KVCompHostStore(rel=self.host_rel, host=host, pin=pin, capacity=capacity)
 
     # -- per-layer top-k (composition with CAKE) ------------------------------------------------------------------
     def prefill(self, site, view):

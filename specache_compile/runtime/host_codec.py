@@ -10,11 +10,18 @@ What changes: host memory shrinks by the codec's ratio; the "full-precision" row
 of the originals instead of exact (rel=0.02 by default: 1/50 of each row's range). Rows are compressed once a whole
 offset group (``group`` rows, the payload's unit) has arrived; the last < group rows wait in full precision.
 
-Limits, measured or not: the payload lives in CPU memory and compression runs on the CPU (a device->host copy and a
-host sync per written token); on a GPU the gather decodes on the CPU and copies the rows over. Growth re-concatenates
-the payload every ``group`` tokens (``append_rows``), O(N) each time. On the H100 at 32K (Llama-3-8B shape, 3da8322):
-2.7 s a decode step against 175 ms for specache with the plain pinned store, 1.5 GiB of host KV against 4.0 GiB
-(bench/results/decode.jsonl).
+Where things live and run (since this docstring's commit; before it the codec compressed and decoded on the CPU with
+a host sync per written token: 2.7 s a decode step at 32K on the H100, 3da8322):
+- Compression runs where the rows are written (the GPU in a CUDA run): ``compress_rows`` in torch, one host sync per
+  compressed group of ``group`` tokens (the stream's new length), then asynchronous copies of the payload into pinned
+  host buffers (``Growable``: words as one stream, per-row base / offset / scale / min as [N, B, H]).
+- A fetch runs on the GPU with no host sync (``kvcomp_ops.gather_rows_into``): one kernel copies each requested row's
+  compressed words straight from pinned host memory (read in place, only the compressed bytes cross the bus) into a
+  device scratch, a second decodes them. On the stream the caller names (the speculative prefetch's side stream).
+- The last < ``group`` rows (the tail) wait in full precision on the writer's device; they count as device bytes.
+- A buffer that grows waits for the device first (``Growable.reserve``), so no kernel still reads the old one;
+  ``Config.max_seq_len`` sizes the per-row buffers once (the word stream still grows by a quarter at a time).
+On a CPU-only run the same buffers are plain CPU tensors and the fetch runs the reference decoder.
 """
 
 from __future__ import annotations
@@ -22,81 +29,130 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kvcomp_ops as kv
+from .buffers import Growable
 
 
 class _Rows:
-    """One of K or V: a compressed prefix (whole groups) and a full-precision tail, on the CPU."""
+    """One of K or V: a compressed prefix (whole groups) in host buffers and a full-precision tail."""
 
-    def __init__(self, rel: float, max_len: int) -> None:
-        self.rel, self.max_len = rel, max_len
-        self.payload: kv.RowPayload | None = None
-        self.tail: torch.Tensor | None = None  # [B, H, n_tail, D] (CPU)
-        self.length = 0
+    def __init__(self, rel: float, max_len: int, host: torch.device, pin: bool, capacity: int) -> None:
+        self.rel, self.max_len, self.host, self.pin, self.capacity = rel, max_len, host, pin, capacity
+        self.book: kv.Codebook | None = None
+        self.tail: torch.Tensor | None = None  # [B, H, n_tail, D] on the writer's device
+        self.length = 0  # rows written (compressed + tail)
+        self.n_compressed = 0
+        self.group = self.dim = 0
+        self.words = self.base = self.rel16 = self.scale = self.min_int = None
+
+    def _alloc(self, x: torch.Tensor) -> None:
+        b, h, _, d = x.shape
+        self.dim = d
+        self.group = g = kv.group_size(d, kv.MAX_GROUP, self.max_len)
+        cap = self.capacity
+
+        def buf(dtype: torch.dtype, rows: int) -> Growable:
+            return Growable((), (b, h), dtype, self.host, pin=self.pin, capacity=rows)
+
+        self.words = Growable((), (), torch.int32, self.host, pin=self.pin)
+        self.base = buf(torch.int32, -(-cap // g))
+        self.rel16 = buf(torch.int16, cap)
+        self.scale = buf(torch.float32, cap)
+        self.min_int = buf(torch.int32, cap)
 
     def write(self, start: int, x: torch.Tensor) -> None:
         # x: [B, H, n, D] on any device; only appends (SpeCache never rewrites a position)
         if start != self.length:
             raise RuntimeError(f"specache host codec: expected a write at position {self.length} (append-only), got "
                                f"{start}; the compressed host store cannot rewrite or rewind")
-        x = x.detach().to("cpu")
+        x = x.detach()
+        if self.words is None:
+            self._alloc(x)
         rows = x if self.tail is None else torch.cat([self.tail, x], dim=2)
-        g = kv.group_size(x.shape[3], kv.MAX_GROUP, self.max_len)
-        whole = rows.shape[2] // g * g
+        whole = rows.shape[2] // self.group * self.group
         if whole:
-            head = rows[:, :, :whole]
-            self.payload = (kv.compress_rows(head, self.rel, self.max_len) if self.payload is None
-                            else kv.append_rows(self.payload, head, self.rel))
+            # on the rows' device; one host sync (the stream's new length), then copies into the host buffers
+            p = kv.compress_rows(rows[:, :, :whole], self.rel, self.max_len, self.book, self.words.length)
+            self.book = p.book
+            self.words.append(p.words)
+            for buf, t in ((self.base, p.base), (self.rel16, p.rel), (self.scale, p.scale), (self.min_int, p.min_int)):
+                buf.append(t.permute(2, 0, 1).contiguous())  # [n, B, H]: one contiguous block per append
+            self.n_compressed += whole
         self.tail = rows[:, :, whole:].clone()
         self.length += x.shape[2]
 
-    @property
-    def n_compressed(self) -> int:
-        return 0 if self.payload is None else self.payload.shape[2]
-
-    def gather(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows idx [B, H, K] (absolute positions < length): [B, H, K, D] on the CPU."""
-        idx = idx.to("cpu").long()
+    def gather(self, idx: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Rows idx [B, H, K] (absolute positions < length): [B, H, K, D] on ``device``."""
+        b, h, k = idx.shape
+        d = self.dim
+        out = torch.empty((b, h, k, d), dtype=dtype, device=device)
         nc = self.n_compressed
-        out = None
         if nc:
-            out = kv.gather_decompress(self.payload, idx.clamp(max=nc - 1)).to(dtype)
+            idx_d = idx.to(device, non_blocking=True)
+            kv.gather_rows_into(out, idx_d.clamp(max=nc - 1), self.words.data, self.words.length,
+                                self.base.view().permute(1, 2, 0), self.rel16.view().permute(1, 2, 0),
+                                self.scale.view().permute(1, 2, 0), self.min_int.view().permute(1, 2, 0),
+                                self.book.lut, self.group, self.max_len)
         if self.tail is not None and self.tail.shape[2]:
-            t_idx = (idx - nc).clamp(0, self.tail.shape[2] - 1)
-            t = torch.gather(self.tail, 2, t_idx.unsqueeze(-1).expand(-1, -1, -1, self.tail.shape[3])).to(dtype)
-            out = t if out is None else torch.where((idx < nc).unsqueeze(-1), out, t)
+            t_idx = idx.to(self.tail.device, non_blocking=True)
+            t_idx_c = (t_idx - nc).clamp(0, self.tail.shape[2] - 1)
+            t = torch.gather(self.tail, 2, t_idx_c.unsqueeze(-1).expand(-1, -1, -1, d)).to(device, dtype)
+            if nc:
+                out = torch.where((t_idx < nc).to(device).unsqueeze(-1), out, t)
+            else:
+                out = t
         return out
 
     @property
-    def nbytes(self) -> int:
-        n = self.payload.nbytes if self.payload is not None else 0
-        if self.tail is not None:
-            n += self.tail.numel() * self.tail.element_size()
-        return n
+    def host_nbytes(self) -> int:
+        if self.words is None:
+            return 0
+        bufs = (self.words, self.base, self.rel16, self.scale, self.min_int)
+        return sum(x.nbytes for x in bufs) + (self.book.nbytes if self.book is not None else 0)
+
+    @property
+    def tail_nbytes(self) -> int:
+        return 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
 
 
 class KVCompHostStore:
     """The compressed stand-in for a Site's host K/V Growables (see runtime/store.py ``Site.codec``)."""
 
-    def __init__(self, rel: float = 0.02, max_len: int = 10) -> None:
+    def __init__(self, rel: float = 0.02, max_len: int = 10, host: torch.device | str = "cpu", pin: bool = False,
+                 capacity: int = 0) -> None:
         if not (isinstance(rel, (int, float)) and 0 < rel <= 1) or kv.n_symbols(rel) > min(256, 2**max_len):
             raise ValueError(f"specache policy: policy_options['host_rel'] expected a float in (0, 1] giving at most "
                              f"{min(256, 2**max_len)} quantization levels (rel >= ~0.004), got {rel!r}")
-        self.k = _Rows(rel, max_len)
-        self.v = _Rows(rel, max_len)
+        self.k = _Rows(rel, max_len, torch.device(host), pin, capacity)
+        self.v = _Rows(rel, max_len, torch.device(host), pin, capacity)
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.write(start, k)
         self.v.write(start, v)
 
-    def fetch(self, idx: torch.Tensor, dtype: torch.dtype, device: torch.device, keys: bool, values: bool):
-        k = self.k.gather(idx, dtype).to(device) if keys else None
-        v = self.v.gather(idx, dtype).to(device) if values else None
+    def fetch(self, idx: torch.Tensor, dtype: torch.dtype, device: torch.device, keys: bool, values: bool,
+              stream: torch.cuda.Stream | None = None):
+        """Rows idx [B, H, K] of K and/or V on ``device``; on ``stream`` when given (the caller orders it). The
+        tails, which later writes replace, are marked as used there."""
+        if stream is not None:
+            for rows in (self.k, self.v):
+                if rows.tail is not None and rows.tail.is_cuda:
+                    rows.tail.record_stream(stream)
+            with torch.cuda.stream(stream):
+                return self.fetch(idx, dtype, device, keys, values)
+        k = self.k.gather(idx, dtype, device) if keys else None
+        v = self.v.gather(idx, dtype, device) if values else None
         return k, v
 
     def fetch_range(self, lo: int, hi: int, dtype: torch.dtype, device: torch.device, b: int, h: int):
-        idx = torch.arange(lo, hi).expand(b, h, hi - lo)
+        idx = torch.arange(lo, hi, device=device).expand(b, h, hi - lo)
         return self.fetch(idx, dtype, device, True, True)
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Host bytes: the compressed rows' buffers (allocated capacity) and the codebooks."""
+        return self.k.host_nbytes + self.v.host_nbytes
+
+    @property
+    def device_nbytes(self) -> int:
+        """The full-precision tails (fewer than one group of rows each), on the writer's device."""
+        return self.k.tail_nbytes + self.v.tail_nbytes

@@ -385,9 +385,10 @@ class Runtime:
             self.sites[name] = site
         site.truncate(0)
         self._step_shared.clear()
-        if getattr(self.policy, "host_codec", None) is not None:
-            site.codec = self.policy.new_host_codec()  # a fresh compressed host store per sequence
         site.capacity = max(site.capacity, self.capacity_hint)
+        if getattr(self.policy, "host_codec", None) is not None:
+            # a fresh compressed host store per sequence, in the site's host memory (pinned where a GPU reads it)
+            site.codec = self.policy.new_host_codec(site.host_device, site.pin, site.capacity)
         if self.capacity_hint and site.keep_full:
             site.k.reserve(self.capacity_hint)
             site.v.reserve(self.capacity_hint)

@@ -7,6 +7,7 @@ both tiers are host memory; the split is the same.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,12 +125,13 @@ class Site:
         n = idx.shape[-1]
         out_k = out_k[:, :, :n] if out_k is not None and out_k.shape[2] >= n else None
         out_v = out_v[:, :, :n] if out_v is not None and out_v.shape[2] >= n else None
-        if self.codec is not None:  # decoded on the host (a sync): see runtime/host_codec.py
-            k, v = self.codec.fetch(idx, self.dtype, self.device, keys, values)
-            if out_k is not None and k is not None:
-                k = out_k.copy_(k)
-            if out_v is not None and v is not None:
-                v = out_v.copy_(v)
+        if self.codec is not None:  # compressed rows, decoded on the model's device: see runtime/host_codec.py
+            k, v = self.codec.fetch(idx, self.dtype, self.device, keys, values, stream)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if out_k is not None and k is not None:
+                    k = out_k.copy_(k)
+                if out_v is not None and v is not None:
+                    v = out_v.copy_(v)
             self._count(k, v)
             return k, v
         k = ops.gather_rows(self.k.view(), idx, out_k, self.device, stream) if keys else None
@@ -145,6 +147,8 @@ class Site:
     def tier_bytes(self) -> dict[str, int]:
         host = self.codec.nbytes if self.codec is not None else self.k.nbytes + self.v.nbytes
         dev = sum(_nbytes(x) for x in self.tier.values())
+        if self.codec is not None:
+            dev += self.codec.device_nbytes  # the codec's full-precision tail (< one group of rows)
         if self.home == "device":
             return {"host": 0, "device": host + dev}
         return {"host": host, "device": dev}

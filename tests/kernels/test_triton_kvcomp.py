@@ -182,6 +182,10 @@ ROW_CASES = {
     "d64-bf16": (2, 2, 50, 64, 20, "bf16", 30),
     "d128-fp32": (1, 3, 40, 128, 9, "fp32", 31),
 }
+# the compressed host store's fetch (runtime/host_codec.py): b, h, d, dtype, writes (rows per write), k, seed
+STORE_CASES = {
+    "chunks-bf16": (2, 2, 64, "bf16", (70, 40, 1, 1, 33), 24, 33),
+}
 # policy decode through the kernels: b, hkv, rep, d, prefill, steps, options
 POLICY_CASES = {
     "gqa4-d64": (2, 2, 4, 64, 70, 2, {"k_block": 16, "v_block": 32, "k_recent": 8, "v_recent": 16}),
@@ -194,6 +198,33 @@ def _rows_case(b, h, n, d, k, dt, seed):
     p = ko.compress_rows(x, rel=0.1)
     idx = torch.randint(-2, n + 2, (b, h, k), generator=g)
     return p, idx
+
+
+def _store_case(b, h, d, dt, writes, k, seed):
+    """A host codec store written in several calls (several compressed chunks, a partial tail) and indices that hit
+    every part: rows at chunk boundaries, the tail, and outside [0, N)."""
+    from specache_compile.runtime.host_codec import KVCompHostStore
+
+    g = _gen(seed)
+    n = sum(writes)
+    x = _kv(b, h, n, d, g).to(DT[dt])
+    store, pos = KVCompHostStore(rel=0.05), 0
+    for w in writes:
+        store.write(pos, x[:, :, pos : pos + w], x[:, :, pos : pos + w])
+        pos += w
+    rows = store.k
+    edges = torch.tensor([0, rows.group - 1, rows.group, 63, 64, 95, 96, rows.n_compressed - 1, n - 1])
+    idx = torch.cat([edges, torch.randint(0, n, (k - len(edges) - 1,), generator=g), torch.tensor([-1])])
+    idx = idx.expand(b, h, k).contiguous()
+    return x, store, idx
+
+
+def _store_kernel(rows, idx, dtype):
+    """The compressed prefix's rows through the two kernels, from the store's own buffers and strides."""
+    out = torch.empty((*idx.shape, rows.dim), dtype=dtype)
+    view = [t.view().permute(1, 2, 0) for t in (rows.base, rows.rel16, rows.scale, rows.min_int)]
+    return ko._gather_rows_into_triton(out, idx.clamp(max=rows.n_compressed - 1), rows.words.data, rows.words.length,
+                                       *view, rows.book.lut, rows.group, rows.max_len)
 
 
 def _policy_site(b, hkv, rep, d, n, steps, opts, seed=40, dtype=torch.float32):
@@ -232,7 +263,7 @@ def _run_interpreted(path: str, shard: int = 0, shards: int = 1) -> None:
     """In a child (TRITON_INTERPRET=1): every case through the Triton kernels, saved (one child: no sharding)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     ko.wrap_triton = lambda kernel: kernel  # the interpreter launches the kernel object itself
-    res = {"scores": {}, "pv": {}, "rows": {}, "policy": {}}
+    res = {"scores": {}, "pv": {}, "rows": {}, "store": {}, "policy": {}}
     for cid, a in SCORE_CASES.items():
         args, _ = _keys_case(*a)
         res["scores"][cid] = ko._kvcomp_scores_triton(*args)
@@ -243,6 +274,9 @@ def _run_interpreted(path: str, shard: int = 0, shards: int = 1) -> None:
         p, idx = _rows_case(*a)
         res["rows"][cid] = ko._kvcomp_gather_rows_triton(idx, p.words, p.base, p.rel, p.scale, p.min_int, p.book.lut,
                                                           p.group, p.book.max_len, p.shape[3], p.dtype)
+    for cid, a in STORE_CASES.items():
+        _, store, idx = _store_case(*a)
+        res["store"][cid] = _store_kernel(store.k, idx, DT[a[3]])
     # the policy with the ops swapped for the launchers (on CPU the ops dispatch to the reference)
     ko.kvcomp_scores, ko.kvcomp_pv = ko._kvcomp_scores_triton, ko._kvcomp_pv_triton
     for cid, (b, hkv, rep, d, n, steps, opts) in POLICY_CASES.items():
@@ -255,7 +289,7 @@ def _run_interpreted(path: str, shard: int = 0, shards: int = 1) -> None:
 def interpreted(tmp_path_factory):
     # one child: the policy cases carry state across steps, and the whole module runs in about a minute
     return run_interpreted("test_triton_kvcomp", tmp_path_factory.mktemp("interpreted_kvcomp"),
-                           ("scores", "pv", "rows", "policy"), shards=1, timeout=600)
+                           ("scores", "pv", "rows", "store", "policy"), shards=1, timeout=600)
 
 
 def _scores_three_way(args, k64, got):
@@ -315,6 +349,23 @@ def test_gather_rows_kernel_interpreted(interpreted, cid):
     # interpreter's fp32 -> bf16 cast need not round to nearest)
     tol = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[p.dtype]
     assert ((got.float() - want.float()).abs() <= tol * want.float().abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("cid", list(STORE_CASES))
+def test_host_store_fetch_kernels_interpreted(interpreted, cid):
+    # the staging kernel (each row's words copied from the store's buffers) then the row decoder, against the
+    # quantization they must reproduce: every compressed row exactly (fp32 dequant, one rounding to the dtype)
+    x, store, idx = _store_case(*STORE_CASES[cid])
+    got = interpreted["store"][cid]
+    c = idx.clamp(max=store.k.n_compressed - 1)  # what the kernels were given (the store clamps; -1 stays out)
+    q, scale, mn = ko.quantize_ints(x, (3,), 0.05)
+    want = ko.dequantize_ints(q, scale, mn).to(x.dtype)
+    want = torch.where((c >= 0)[..., None], torch.gather(want, 2, c.clamp(min=0)[..., None].expand(-1, -1, -1,
+                                                                                                    x.shape[3])), 0.0)
+    tol = 2.0**-7  # the interpreter's fp32 -> bf16 cast need not round to nearest
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert ((got.float() - want.float()).abs() <= tol * want.float().abs() + 1e-6).all()
+    assert (got[:, :, -1] == 0).all()  # idx -1: a zero row
 
 
 @pytest.mark.parametrize("cid", list(POLICY_CASES))

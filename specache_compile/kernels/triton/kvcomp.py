@@ -131,6 +131,23 @@ def kvcomp_pv_kernel(
 
 
 @triton.jit
+def _row_starts(idx_ptr, base_ptr, rel_ptr, N, K, stride_ib, stride_ih, stride_ik, stride_bb, stride_bh, stride_bg,
+                stride_rb, stride_rh, stride_rn, G: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A row program's lanes (grid (cdiv(K, BLOCK_K), H, B)): (b, h, k, k < K, row n = idx[b, h, k], n in [0, N) and
+    # k < K, the row's first bit in the stream).
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    n = tl.load(idx_ptr + b * stride_ib + h * stride_ih + k * stride_ik, mask=kmask, other=0).to(tl.int64)
+    mask = kmask & (n >= 0) & (n < N)
+    base = tl.load(base_ptr + b * stride_bb + h * stride_bh + (n // G) * stride_bg, mask=mask, other=0)
+    rel = tl.load(rel_ptr + b * stride_rb + h * stride_rh + n * stride_rn, mask=mask, other=0)
+    return b, h, k, kmask, n, mask, base.to(tl.int64) * 32 + (rel.to(tl.int64) & 0xFFFF)
+
+
+@triton.jit
 def kvcomp_gather_rows_kernel(
     idx_ptr, words_ptr, base_ptr, rel_ptr, scale_ptr, min_ptr, lut_ptr, out_ptr,
     N, K, D, n_words,
@@ -144,16 +161,9 @@ def kvcomp_gather_rows_kernel(
     # idx: [B, H, K] row positions; rows (token, head) each one vector of D values with their own (scale, min)
     # (VectorQuant): base [B, H, cdiv(N, G)], rel [B, H, N], scale/min [B, H, N]; out: [B, H, K, D] in out's dtype.
     # grid (cdiv(K, BLOCK_K), H, B): lane k decodes row idx[k]. An index outside [0, N) gives a zero row.
-    pid = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = k < K
-    n = tl.load(idx_ptr + b * stride_ib + h * stride_ih + k * stride_ik, mask=kmask, other=0).to(tl.int64)
-    mask = kmask & (n >= 0) & (n < N)
-    base = tl.load(base_ptr + b * stride_bb + h * stride_bh + (n // G) * stride_bg, mask=mask, other=0)
-    rel = tl.load(rel_ptr + b * stride_rb + h * stride_rh + n * stride_rn, mask=mask, other=0)
-    pos = base.to(tl.int64) * 32 + (rel.to(tl.int64) & 0xFFFF)
+    b, h, k, kmask, n, mask, pos = _row_starts(idx_ptr, base_ptr, rel_ptr, N, K, stride_ib, stride_ih, stride_ik,
+                                               stride_bb, stride_bh, stride_bg, stride_rb, stride_rh, stride_rn,
+                                               G, BLOCK_K)
     s = tl.load(scale_ptr + b * stride_sb + h * stride_sh + n * stride_sn, mask=mask, other=0.0).to(tl.float32)
     # scale and min share one layout (the launcher makes both contiguous)
     mn = tl.load(min_ptr + b * stride_sb + h * stride_sh + n * stride_sn, mask=mask, other=0).to(tl.float32)
@@ -164,3 +174,44 @@ def kvcomp_gather_rows_kernel(
         pos += ln
         x = tl.where(mask, (sym.to(tl.float32) + mn) * s, 0.0)
         tl.store(o + d * stride_od, x.to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def kvcomp_stage_rows_kernel(
+    idx_ptr, words_ptr, base_ptr, rel_ptr, scale_ptr, min_ptr,
+    swords_ptr, sbase_ptr, srel_ptr, sscale_ptr, smin_ptr,
+    N, K, n_words,
+    stride_ib, stride_ih, stride_ik,
+    stride_bb, stride_bh, stride_bg,
+    stride_rb, stride_rh, stride_rn,
+    stride_sb, stride_sh, stride_sn,
+    G: tl.constexpr, W: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Stage rows idx [B, H, K] of a row payload (kvcomp_gather_rows_kernel's layout, typically in pinned host memory
+    # read in place) into a dense scratch that kvcomp_gather_rows_kernel decodes with G = 1 and idx = k:
+    # swords [B * H * K, W] int32 (row r's words from its first word, zeros after), sbase [B * H * K] = r * W,
+    # srel = the row's bit offset in its first word, sscale / smin the row's (scale, min), 0 for a row outside [0, N).
+    # grid (cdiv(K, BLOCK_K), H, B). A row's words end where the next row of its (b, h) starts (rows of one compress
+    # call are adjacent in the stream); where that is unknown (the last row, the next chunk) all W words are read.
+    # Every load is independent of the others, so a row costs one round trip to host memory, not one per value.
+    b, h, k, kmask, n, mask, pos = _row_starts(idx_ptr, base_ptr, rel_ptr, N, K, stride_ib, stride_ih, stride_ik,
+                                               stride_bb, stride_bh, stride_bg, stride_rb, stride_rh, stride_rn,
+                                               G, BLOCK_K)
+    nxt_ok = mask & (n + 1 < N)
+    nbase = tl.load(base_ptr + b * stride_bb + h * stride_bh + ((n + 1) // G) * stride_bg, mask=nxt_ok, other=0)
+    nrel = tl.load(rel_ptr + b * stride_rb + h * stride_rh + (n + 1) * stride_rn, mask=nxt_ok, other=0)
+    npos = nbase.to(tl.int64) * 32 + (nrel.to(tl.int64) & 0xFFFF)
+    w0 = pos >> 5
+    span = (npos + 31) // 32 - w0  # words from the row's first to the one holding the next row's first bit
+    span = tl.where(nxt_ok & (span > 0) & (span < W), span + 1, W)
+    cols = tl.arange(0, W)
+    wmask = mask[:, None] & (cols[None, :] < span[:, None]) & (w0[:, None] + cols[None, :] < n_words)
+    vals = tl.load(words_ptr + w0[:, None] + cols[None, :], mask=wmask, other=0)
+    r = (b * tl.num_programs(1) + h) * K + k
+    tl.store(swords_ptr + r[:, None] * W + cols[None, :], vals, mask=kmask[:, None])
+    tl.store(sbase_ptr + r, (r * W).to(tl.int32), mask=kmask)
+    tl.store(srel_ptr + r, (pos & 31).to(tl.int16), mask=kmask)
+    s = tl.load(scale_ptr + b * stride_sb + h * stride_sh + n * stride_sn, mask=mask, other=0.0)
+    mn = tl.load(min_ptr + b * stride_sb + h * stride_sh + n * stride_sn, mask=mask, other=0)
+    tl.store(sscale_ptr + r, s, mask=kmask)
+    tl.store(smin_ptr + r, mn, mask=kmask)
