@@ -80,7 +80,7 @@ def test_cuda_fetch_reads_pinned_host_memory_without_a_sync():
     _write(store, k, v)
     assert store.k.words.data.is_pinned() and store.k.scale.data.is_pinned()
     nc = store.k.n_compressed
-    idx = torch.randint(-1, k.shape[2] + 1, (2, 3, 200), device="cuda")
+    idx = torch.randint(-1, k.shape[2], (2, 3, 200), device="cuda")  # positions < length, and -1 (a zero row)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     torch.cuda.synchronize()
