@@ -20,7 +20,8 @@ a host sync per written token: 2.7 s a decode step at 32K on the H100, 3da8322):
   device scratch, a second decodes them. On the stream the caller names (the speculative prefetch's side stream).
 - The last < ``group`` rows (the tail) wait in full precision on the writer's device; they count as device bytes.
 - A buffer that grows waits for the device first (``Growable.reserve``), so no kernel still reads the old one;
-  ``Config.max_seq_len`` sizes the per-row buffers once (the word stream still grows by a quarter at a time).
+  a known capacity (``Config.max_seq_len``, or what ``specache.generate`` sets) sizes the per-row buffers once, and
+  the word stream once at the first rows' bits per row (+2%); rows that code longer grow it by a quarter at a time.
 On a CPU-only run the same buffers are plain CPU tensors and the fetch runs the reference decoder.
 """
 
@@ -72,6 +73,10 @@ class _Rows:
         if whole:
             # on the rows' device; one host sync (the stream's new length), then copies into the host buffers
             p = kv.compress_rows(rows[:, :, :whole], self.rel, self.max_len, self.book, self.words.length)
+            if self.book is None and self.capacity > whole:
+                # the stream's size at capacity, at the first rows' bits per row (+2%): one allocation, not growth by
+                # a quarter at a time (which leaves up to 25% of the buffer unused)
+                self.words.reserve(-(-p.words.numel() * self.capacity * 51 // (whole * 50)))
             self.book = p.book
             self.words.append(p.words)
             for buf, t in ((self.base, p.base), (self.rel16, p.rel), (self.scale, p.scale), (self.min_int, p.min_int)):

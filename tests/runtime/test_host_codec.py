@@ -94,3 +94,17 @@ def test_cuda_fetch_reads_pinned_host_memory_without_a_sync():
     for got, x in ((got_k, k), (got_v, v)):
         want = _want(x.cpu(), idx.cpu(), nc)
         assert ((got.float().cpu() - want.float()).abs() <= 2.0**-7 * want.float().abs() + 1e-6).all()
+
+
+def test_a_known_capacity_sizes_the_word_stream_once():
+    # rows arriving a group at a time up to the capacity: the stream is reserved at the first rows' bits per row,
+    # not grown by a quarter at a time (which would leave up to 25% of the buffer unused at the end)
+    x = torch.cat([_x(b=1, h=2, seed=s) for s in range(5)], 2)[:, :, :640]
+    store = KVCompHostStore(rel=REL, capacity=640)
+    store.write(0, x[:, :, :64], x[:, :, :64])
+    words = store.k.words
+    first = words.data.data_ptr()
+    for pos in range(64, 640, 32):
+        store.write(pos, x[:, :, pos : pos + 32], x[:, :, pos : pos + 32])
+    assert store.k.n_compressed == 640 and words.data.data_ptr() == first  # never reallocated
+    assert words.length <= words.data.numel() <= 1.06 * words.length
