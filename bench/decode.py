@@ -15,7 +15,8 @@ fetch time. Methods:
   at 128K in bench/kernels.py). Measured at 2fba97f: slower than ``full`` (91 vs 79 ms at 128K);
 - ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
   ``enable_gqa``), so SDPA may take its flash kernel. Measured at 564316c: 7.0 / 8.0 / 12.2 ms of GPU time a step at
-  8K / 32K / 128K, with a host-bound step (SDPA took cuDNN); kept off cuDNN since, not yet rerun;
+  8K / 32K / 128K, with a host-bound step of 72-79 ms (SDPA took cuDNN); kept off cuDNN since: 25.3 / 23.1 / 20.5 ms
+  a step, 7.2 / 8.3 / 12.6 ms of GPU time (3798174);
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);

@@ -24,8 +24,11 @@
 # `codec` needs ~290 s at 32K (prefill 207 s; cut at 150 s once), `policies128` 151 s: kcache decoded, quant, kvcomp,
 # cake ran out of memory in the one-call prefill (fixed in 47ada3e, exact_attention in pieces), as did streaming and
 # snapkv; specache-cake at 128K ~200 s.
-# Next: `baselines` again (full-flash kept off cuDNN: its step was host-bound), then `full2 policies128 policies128b`
-# on one machine (the 128K rows of the one-call-prefill policies have never run).
+# Session 7: `exact full2` + quant kcache at 128K 374 s; kvcomp cake streaming snapkv at 128K 272 s (prefill 45-54 s
+# each); `accuracy_bg static tests` ran past 600 s (static 162 s, the tests beside 15 accuracy processes) and lost the
+# accuracy tarball: `accuracy_bg tests` with ACC_LIMIT=495 took 504 s (all 15 specs 1K-8K). Second machine: the GPU
+# host codec at 32K + 128K 224 s with its tests; `baselines` 314 s; `graph` ~200 s; the host codec's accuracy grid
+# alone 274 s. Keep the static tests out of the accuracy call.
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command

@@ -23,6 +23,10 @@ a host sync per written token: 2.7 s a decode step at 32K on the H100, 3da8322):
   a known capacity (``Config.max_seq_len``, or what ``specache.generate`` sets) sizes the per-row buffers once, and
   the word stream once at the first rows' bits per row (+2%); rows that code longer grow it by a quarter at a time.
 On a CPU-only run the same buffers are plain CPU tensors and the fetch runs the reference decoder.
+
+Measured on the H100 (Llama-3-8B shape, random bf16 weights, 3798174 / 2b152e3, bench/results/decode.jsonl): a decode
+step of 189.5 / 109.9 / 128.1 ms at 8K / 32K / 128K beside plain specache's 98.5 / 84.4 / 116.2 ms on the same
+machine, with 0.38 / 1.50 / 7.04 GiB of host KV against 1 / 4 / 16 GiB (the word stream then still grew by quarters).
 """
 
 from __future__ import annotations
