@@ -479,9 +479,11 @@ def gather_rows_into(out: torch.Tensor, idx: torch.Tensor, words: torch.Tensor, 
     (one independent load per word: a row costs one trip over the bus, and only its compressed bytes cross), then
     ``kvcomp_gather_rows`` decodes the scratch (G = 1, idx = k). The caller keeps the host tensors alive and unwritten
     until the kernels ran (runtime/host_codec.py: its buffers only grow, and growth waits for the device). Elsewhere
-    the reference, on the payload's device, copied into ``out``.
+    (no CUDA ``out``, or a payload in pageable host memory, which a kernel cannot read) the reference, on the
+    payload's device, copied into ``out``.
     """
-    if not (HAS_TRITON and out.is_cuda):
+    # a kernel reads device memory or pinned host memory in place
+    if not (HAS_TRITON and out.is_cuda and all(t.is_cuda or t.is_pinned() for t in (words, base, rel, scale, min_int))):
         b, h, _, d = out.shape
         book = Codebook(lut.new_zeros(0, dtype=torch.int64), lut.new_zeros(0, dtype=torch.int64), lut.to(words.device),
                         max_len)

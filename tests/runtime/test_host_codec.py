@@ -74,17 +74,20 @@ def test_writes_are_append_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU)")
-def test_cuda_fetch_reads_pinned_host_memory_without_a_sync():
+@pytest.mark.parametrize("pin", [True, False])
+def test_cuda_fetch_reads_pinned_host_memory_without_a_sync(pin):
+    # pinned: the kernels read the host buffers in place, no host sync; pageable (which no kernel can read): the
+    # reference decoder on the host, same rows
     k, v = _x(seed=6).cuda(), _x(seed=7).cuda()
-    store = KVCompHostStore(rel=REL, pin=True, capacity=4096)
+    store = KVCompHostStore(rel=REL, pin=pin, capacity=4096)
     _write(store, k, v)
-    assert store.k.words.data.is_pinned() and store.k.scale.data.is_pinned()
+    assert store.k.words.data.is_pinned() == pin and store.k.scale.data.is_pinned() == pin
     nc = store.k.n_compressed
     idx = torch.randint(-1, k.shape[2], (2, 3, 200), device="cuda")  # positions < length, and -1 (a zero row)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error" if pin else "default")
     try:
         got_k, got_v = store.fetch(idx, torch.bfloat16, torch.device("cuda"), True, True, stream=side)
     finally:
@@ -92,6 +95,7 @@ def test_cuda_fetch_reads_pinned_host_memory_without_a_sync():
     torch.cuda.current_stream().wait_stream(side)
     # the kernels dequantize in fp32 and round once to bf16, as the reference does: equal up to one bf16 unit
     for got, x in ((got_k, k), (got_v, v)):
+        assert got.is_cuda
         want = _want(x.cpu(), idx.cpu(), nc)
         assert ((got.float().cpu() - want.float()).abs() <= 2.0**-7 * want.float().abs() + 1e-6).all()
 
