@@ -6,7 +6,7 @@
 #   steps (default: all, in order):
 #     baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b:
 #       decode rows; rows: the methods $ROWS_METHODS at the contexts $ROWS_CONTEXTS under $ROWS_LIMIT seconds;
-#       exact: the GPU test of exact_attention in pieces
+#       codec_tests: the host codec's GPU tests; exact: the GPU test of exact_attention in pieces
 #       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
@@ -51,6 +51,8 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
+    codec_tests)  # the KVComp host codec's GPU tests (pinned and pageable payloads)
+      pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
       pytest_gpu gpu_exact 90 tests/test_gpu.py -k exact_attention ;;
     baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows)
@@ -110,7 +112,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
