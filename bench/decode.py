@@ -431,19 +431,25 @@ def plot(rows, path: Path):
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(", ".join(sorted({r.get("device", "?") for r in rows})) + ": newest row per method and context")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def latest_rows(path: Path) -> list[dict]:
-    """The newest measured row per (method, context, batch) in a results file (rows are appended run after run)."""
+def latest_rows(path: Path, device: str | None = None) -> list[dict]:
+    """The newest measured row per (method, context, batch) in a results file (rows are appended run after run), of
+    one GPU model: `device` (a substring of the rows' device name), or the newest row's device when None, since rows
+    of two GPUs side by side compare the machines, not the methods."""
     import json
 
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("step_ms")]
+    if device is None and rows:
+        device = rows[-1].get("device", "")
     latest = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("step_ms"):
+    for r in rows:
+        if device is None or device in r.get("device", ""):
             latest[(r["method"], r["context"], r["batch"])] = r
     return list(latest.values())
 
@@ -471,7 +477,8 @@ def plot_side_by_side(rows, context: int, path: Path):
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Llama-3-8B shape, {context // 1024}K context, H100: newest row per method (commit under each bar)")
+    devices = ", ".join(sorted({r.get("device", "?") for r in rs}))
+    fig.suptitle(f"Llama-3-8B shape, {context // 1024}K context, {devices}: newest row per method (commit under each bar)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -501,9 +508,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--plot-only", action="store_true",
                     help="no runs: plot the newest row per method/context of bench/results/<out>")
+    ap.add_argument("--plot-device", default=None,
+                    help="with --plot-only: the GPU whose rows to plot (a substring of the rows' device; default: the "
+                         "newest row's)")
     args = ap.parse_args(argv)
     if args.plot_only:
-        rows = latest_rows(RESULTS / args.out)
+        rows = latest_rows(RESULTS / args.out, args.plot_device)
         stem = Path(args.out).stem
         plot(rows, RESULTS / f"{stem}.png")
         for ctx in sorted({r["context"] for r in rows}):
