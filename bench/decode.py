@@ -478,7 +478,8 @@ def plot_side_by_side(rows, context: int, path: Path):
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
         ax.grid(alpha=0.3, axis="y")
     devices = ", ".join(sorted({r.get("device", "?") for r in rs}))
-    fig.suptitle(f"Llama-3-8B shape, {context // 1024}K context, {devices}: newest row per method (commit under each bar)")
+    fig.suptitle(f"Llama-3-8B shape, {context // 1024}K context, {devices}: newest row per method "
+                 "(commit under each bar)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
