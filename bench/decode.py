@@ -1,6 +1,6 @@
 """End-to-end decode: the full cache on the GPU, transformers' offloaded cache, and specache, side by side.
 
-    python bench/decode.py                                   # H100: Llama-3-8B shape, 8K/32K/128K, batch 1 (+8)
+    python bench/decode.py                                   # GPU: Llama-3-8B shape, 8K/32K/128K, batch 1 (+8)
     python bench/decode.py --tiny --contexts 256 512         # CPU smoke run (a 2-layer model; no figures worth citing)
 
 A Llama-3-8B-shaped model (32 layers, hidden 4096, 32/8 heads, D=128) with random bf16 weights, built once; every

@@ -117,7 +117,7 @@ def demo(args) -> int:
     console.print(table)
     if not args.device.startswith("cuda"):
         console.print("(on CPU specache's kernels run as their pure-torch references: these step times say nothing "
-                      "about a GPU; see the README's H100 table)")
+                      "about a GPU; see the README's GPU table)")
     console.print(f"attention sites: found {st['found']}, rewritten {st['rewritten']}, left alone {st['skipped']}")
     console.print(f"generated {len(new)} tokens in {secs:.1f} s (compile included): {new}")
     if tok is not None:
