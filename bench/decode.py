@@ -211,6 +211,16 @@ def fetch_overlap(kernels: list[tuple[str, float, float]]) -> dict[str, float]:
     return {"fetch_busy_us": busy, "exposed_us": busy - covered}
 
 
+def top_kernels(events, steps: int, n: int = 8) -> list[dict]:
+    """The n device kernels (and copies) with the most GPU time in a profiled span, per step: where a method's GPU
+    busy time goes. events: (name, self device us, calls) per distinct kernel name, summed over the span (the
+    profiler's key_averages); the shares are of all kernels' time, so a row says at once what dominates."""
+    total = sum(us for _, us, _ in events) or 1.0
+    rows = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])[:n]
+    return [{"kernel": name[:120], "ms": us / 1e3 / steps, "calls": calls / steps, "share": us / total}
+            for name, us, calls in rows]
+
+
 def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step, pass_kv_len=False):
     """Plain greedy loop for the non-specache methods: chunked prefill, then one token per step. pass_kv_len: decode
     calls also get ``kv_len``, the positions written after the step's token (``full-flash``'s attention reads it)."""
@@ -372,6 +382,11 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof["p"].events()
                    if e.device_type == torch.autograd.DeviceType.CUDA]
+        # the kernels that take the GPU time, per step (named by kernel; the CPU ops, if recorded, hold no self time)
+        avgs = [e for e in prof["p"].key_averages() if e.key != "ProfilerStep*" and e.self_device_time_total > 0]
+        on_device = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CUDA] or avgs
+        row["gpu_top_kernels"] = top_kernels([(e.key, e.self_device_time_total, e.count) for e in on_device],
+                                             args.profile_steps)
         f = fetch_overlap(kernels)
         row["profiled_fetch_ms"] = f["fetch_busy_us"] / 1e3 / args.profile_steps
         row["profiled_exposed_fetch_ms"] = f["exposed_us"] / 1e3 / args.profile_steps
@@ -552,6 +567,8 @@ def main(argv=None) -> int:
             keys = ("step_ms", "gpu_busy_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate",
                     "exposed_fetch_ms", "fetch_gbps", "prefill_s", "error")
             print(method, ctx, batch, {k: row.get(k) for k in keys}, flush=True)
+            for t in row.get("gpu_top_kernels") or []:  # where the GPU time goes (the log's table per row)
+                print(f"    {t['ms']:8.3f} ms {t['share']:6.1%} {t['calls']:6.0f} calls  {t['kernel']}", flush=True)
             with contextlib.suppress(Exception):
                 gc.collect()
                 if device == "cuda":

@@ -79,7 +79,7 @@ for step in $steps; do
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
         --inner eager --no-plot >"$OUT/$step.log" 2>&1
-      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/$step.log" | cut -c1-300; decode_rows=1 ;;
+      echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{|^    +[0-9.]+ ms" "$OUT/$step.log" | cut -c1-300; decode_rows=1 ;;
     decode_x4)  # where the full cache runs out of memory: 4 x 127K (a power-of-two pinned block per store, 64 GiB)
       timeout 100 python bench/decode.py --methods full --contexts 130048 --batches 4 --extra --steps 4 \
         --warmup 2 --timed-fetch 0 --profile-steps 0 --no-plot >"$OUT/decode_x4.log" 2>&1

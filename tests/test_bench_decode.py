@@ -84,3 +84,13 @@ def test_full_flash_decodes_the_same_tokens_as_full():
     assert torch.equal(logits["flash"].argmax(-1), logits["full"].argmax(-1))
     # 3 prefill chunks without kv_len, then 7 decode steps with the written length, in each of the 2 layers
     assert kv_lens == [None] * 6 + [n for n in range(41, 48) for _ in range(2)]
+
+
+def test_top_kernels_ranks_by_time_per_step():
+    from bench.decode import top_kernels
+
+    events = [("copy", 300.0, 6), ("gemv", 1200.0, 64), ("idle", 0.0, 3), ("softmax", 500.0, 32)]
+    top = top_kernels(events, steps=2, n=2)
+    assert [t["kernel"] for t in top] == ["gemv", "softmax"]
+    assert top[0]["ms"] == 0.6 and top[0]["calls"] == 32 and top[0]["share"] == 1200.0 / 2000.0
+    assert top_kernels([], steps=1) == []
