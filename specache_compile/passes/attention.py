@@ -173,12 +173,71 @@ def _reaches_qk(node, depth: int = 8) -> bool:
     return False
 
 
+# Products of two activations that attention scores are also spelled with (Bloom's ``alibi.baddbmm(q, k)`` over a key
+# cache stored transposed, ``torch.bmm(q, k)``, ``einsum``): the pass rewrites only ``q @ k.transpose(-1, -2)``, so a
+# softmax fed by one of these is counted as an attention it leaves alone, with the reason, rather than not at all.
+_PRODUCT_FNS = (torch.matmul, operator.matmul, torch.bmm, torch.baddbmm, torch.einsum)
+_PRODUCT_METHODS = ("matmul", "bmm", "baddbmm", "__matmul__")
+_VIEW_METHODS = ("t", "transpose", "permute", "view", "reshape", "contiguous", "to", "float", "half", "bfloat16")
+
+
+def _is_param(node, depth: int = 6) -> bool:
+    """Does ``node`` come (through views and casts) from a module's parameter or buffer?"""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "get_attr":
+            return True
+        if node.op == "placeholder":  # Dynamo lifts parameters as inputs named L_self_..._parameters_weight_
+            return isinstance(node.meta.get("example_value"), torch.nn.Parameter) or "_parameters_" in node.name
+        if is_method(node, *_VIEW_METHODS) or is_fn(node, torch.transpose, torch.t, torch.permute, torch.reshape):
+            node = node.args[0]
+        elif is_fn(node, getattr) and node.args[1] in ("mT", "T"):
+            node = node.args[0]
+        else:
+            return False
+    return False
+
+
+def _score_product(node, depth: int = 8) -> fx.Node | None:
+    """The product of two activations ``node`` leads back to through elementwise ops (scores the pass does not
+    rewrite), or None (a softmax over a linear layer's logits: a router or a sampler, not attention)."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return None
+        if is_fn(node, *_PRODUCT_FNS) or is_method(node, *_PRODUCT_METHODS):
+            if is_fn(node, torch.einsum):
+                ops_ = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+            elif is_fn(node, torch.baddbmm) or is_method(node, "baddbmm"):
+                ops_ = [node.kwargs.get("batch1", node.args[1] if len(node.args) > 1 else None),
+                        node.kwargs.get("batch2", node.args[2] if len(node.args) > 2 else None)]
+            else:
+                ops_ = list(node.args[:2])
+            if len(ops_) == 2 and all(isinstance(a, fx.Node) and not _is_param(a) for a in ops_):
+                return node
+            return None
+        nxt = [a for a in node.args if isinstance(a, fx.Node)]
+        if not nxt:
+            return None
+        if len(nxt) > 1:
+            found = [f for f in (_score_product(a, depth - 1) for a in nxt) if f is not None]
+            return found[0] if found else None
+        node = nxt[0]
+    return None
+
+
 def _match_softmax(node: fx.Node) -> Match | None:
-    """A softmax over the last dim; None if it is not attention at all (no q·kᵀ upstream)."""
+    """A softmax over the last dim; None if it is not attention at all (no product of two activations upstream)."""
     x = node.args[0] if node.args else node.kwargs.get("input")
     dim = _arg(node, 1, "dim")
-    if not isinstance(x, fx.Node) or not _reaches_qk(x):
-        return None  # a softmax that is not attention (router, sampler): not counted
+    if not isinstance(x, fx.Node):
+        return None
+    if not _reaches_qk(x):
+        prod = _score_product(x)
+        if prod is None:
+            return None  # a softmax that is not attention (router, sampler): not counted
+        raise Skip(f"attention scores from {prod.format_node()}: the pass rewrites q @ k.transpose(-1, -2) "
+                   "(matmul or @) and scaled_dot_product_attention only")
     if not _last_dim(node, dim):
         raise Skip(f"softmax over dim {dim!r}, not the key dim")
     qk, mask, scale, up = _upstream(x)

@@ -91,6 +91,45 @@ def test_full_policy_matches_unmodified(arch, attn, cache):
         assert torch.equal(got_ids, want_ids)
 
 
+# A wider sweep of transformers architectures, one cache and attention implementation each (the matrix above covers
+# the cache and mask variants): policy="full" must give the unmodified model's logits with every attention rewritten.
+MORE_ARCHS = ["qwen3", "gemma", "gemma3", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "phi",
+              "stablelm", "gpt_neox", "falcon", "opt"]
+
+
+def compiled_and_unmodified(arch, attn, steps):
+    """(the model compiled with policy="full", its logits per step, the unmodified twin's) over a padded batch, with
+    a DynamicCache and the twin's greedy tokens fed to both."""
+    model = build(arch, attn)
+    ref = twin(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want, toks = decode_loop(ref, ids, mask, make_cache("dynamic", ref), steps)
+        specache.compile(model, policy="full")
+        got, _ = decode_loop(model, ids, mask, make_cache("dynamic", model), steps, forced=toks)
+    return model, got, want
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHS)
+def test_more_architectures_full_policy_matches_unmodified(arch):
+    model, got, want = compiled_and_unmodified(arch, "sdpa", 8)
+    assert_all_rewritten(model, 8)
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= FP32_REL, errs
+
+
+@pytest.mark.parametrize("arch,why", [("gemma2", "torch.tanh"), ("bloom", "baddbmm")])
+def test_attention_the_pass_cannot_rewrite_keeps_its_code_and_says_why(arch, why):
+    """Gemma-2 soft-caps its scores (tanh between q·kᵀ and the softmax) and Bloom adds ALiBi inside alibi.baddbmm(q,
+    kᵀ): each attention is found, left alone with the reason, and the model's output is unchanged."""
+    model, got, want = compiled_and_unmodified(arch, "eager", 4)
+    st = specache.stats(model)
+    assert st["found"] == st["skipped"] == model.config.num_hidden_layers and st["rewritten"] == 0, st["sites"]
+    assert all(why in s["reason"] for s in st["sites"].values()), st["sites"]
+    assert st["store"] == {}
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 1), ("gpt2", 4)])  # GQA, MQA, MHA
 def test_specache_topk_covering_context_is_exact(arch, kv_heads):
     """policy="specache" with topk >= context length fetches everything: exact, although the low-bit copy exists."""

@@ -169,11 +169,13 @@ def repeat_kv(x, n_rep):
 
 
 class CatAttention(nn.Module):
-    def __init__(self, dim, n_head, n_kv, head_dim, dropout=0.0, return_probs=False, reuse_cache=False):
+    def __init__(self, dim, n_head, n_kv, head_dim, dropout=0.0, return_probs=False, reuse_cache=False,
+                 scores="matmul"):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = n_head, n_kv, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
         self.dropout, self.return_probs, self.reuse_cache = dropout, return_probs, reuse_cache
+        self.scores = scores  # matmul: q @ kᵀ; bmm / baddbmm: Bloom's spelling over [B·H, S, D] and a transposed k
         self.q, self.o = nn.Linear(dim, n_head * head_dim), nn.Linear(n_head * head_dim, dim)
         self.k, self.v = nn.Linear(dim, n_kv * head_dim), nn.Linear(dim, n_kv * head_dim)
 
@@ -186,7 +188,16 @@ class CatAttention(nn.Module):
         k = torch.cat([past_k, k], dim=2)
         v = torch.cat([past_v, v], dim=2)
         kr, vr = repeat_kv(k, self.n_head // self.n_kv), repeat_kv(v, self.n_head // self.n_kv)
-        scores = q @ kr.transpose(-2, -1) * self.scale
+        if self.scores == "matmul":
+            scores = q @ kr.transpose(-2, -1) * self.scale
+        else:  # Bloom: 3-D products over the heads flattened into the batch, the key already transposed
+            q3 = q.reshape(b * self.n_head, s, -1)
+            kt3 = kr.transpose(-2, -1).reshape(b * self.n_head, self.head_dim, -1)
+            if self.scores == "bmm":
+                scores = torch.bmm(q3, kt3) * self.scale
+            else:
+                scores = torch.zeros(1, 1, kt3.shape[-1]).baddbmm(q3, kt3, beta=1.0, alpha=self.scale)
+            scores = scores.view(b, self.n_head, s, -1)
         scores = scores + mask
         p = scores.softmax(-1)
         p = F.dropout(p, self.dropout, training=self.training)
@@ -463,10 +474,37 @@ class Router(nn.Module):
         return sum(w[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
 
 
+class MatmulRouter(Router):
+    """A router spelled as a product with its weight (x @ Wᵀ), not through nn.Linear: still not attention."""
+
+    def __init__(self, dim=32, experts=4):
+        super().__init__(dim, experts)
+        self.w = nn.Parameter(torch.randn(experts, dim) / dim**0.5)
+
+    def forward(self, x):
+        w = (x @ self.w.T).softmax(-1)
+        return sum(w[..., e : e + 1] * expert(x) for e, expert in enumerate(self.experts))
+
+
+@pytest.mark.parametrize("scores", ["bmm", "baddbmm"])
 @torch.no_grad()
-def test_router_softmax_is_not_attention():
+def test_scores_spelled_with_bmm_are_counted_and_left_alone(scores):
+    """Bloom spells q·kᵀ as alibi.baddbmm(q, kᵀ) over a transposed key: an attention the pass does not rewrite, so it
+    keeps its code, and is counted as skipped with the reason (before, it was not counted at all)."""
+    model, twin = _pair("hflegacy_matmul_cat", "gqa", scores=scores)
+    specache.compile(model, policy="full")
+    toks = _tokens(8 + 3)
+    for a, b in zip(run_cat(model, toks, 8, 3), run_cat(twin, toks, 8, 3)):
+        assert torch.equal(a, b)
+    assert_left_alone(model, (f"{scores}", "rewrites q @ k.transpose"), found=LAYERS)
+    assert all(scores in site["reason"] for site in specache.stats(model)["sites"].values())
+
+
+@pytest.mark.parametrize("cls", [Router, MatmulRouter])
+@torch.no_grad()
+def test_router_softmax_is_not_attention(cls):
     torch.manual_seed(0)
-    model = Router().eval()
+    model = cls().eval()
     twin = copy.deepcopy(model)
     specache.compile(model, policy="full")
     for s in (7, 1, 1):
