@@ -124,6 +124,8 @@ def generate(
         out = model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True,
                     cache_position=torch.arange(start, start + n, device=dev), **kwargs)
         if runtime is not None and runtime.calls == before:
+            if not runtime.sites:
+                _refuse_unrewritten(runtime)
             # Dynamo ran the model without our graph (recompile limit hit, or compilation disabled): its attention
             # read the placeholder cache. Refuse rather than return tokens computed from zeros.
             raise RuntimeError(
@@ -213,6 +215,24 @@ def generate(
 
 
 # -- CUDA graphs over the speculative steps ---------------------------------------------------------------------------
+
+
+def _refuse_unrewritten(runtime) -> None:
+    """Raise if the pass rewrote no attention of the model at all (none found, or every one left alone): there is no
+    store to decode from, and the model's own attention ran (its output is the unmodified model's)."""
+    reports = [r for rs in runtime.graph_stats.values() for r in rs]
+    if any(r.status != "skipped" for r in reports):
+        return
+    if not reports:
+        why = "the pass found no attention in the model's graphs"
+    else:
+        names = sorted({r.site for r in reports})
+        why = (f"every attention the pass found ({len(names)}) keeps its original code; {names[0]}: "
+               f"{reports[0].reason}")
+    raise ValueError(
+        f"specache.generate: expected a model with attention specache rewrites, got one where {why}. Fix: run the "
+        "model without specache (model.generate), or see specache.stats(model) for each attention's reason."
+    )
 
 
 def _capacity(cache) -> int | None:

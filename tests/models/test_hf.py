@@ -128,6 +128,9 @@ def test_attention_the_pass_cannot_rewrite_keeps_its_code_and_says_why(arch, why
     assert all(why in s["reason"] for s in st["sites"].values()), st["sites"]
     assert st["store"] == {}
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # specache.generate has no store to decode from: it says why rather than blaming Dynamo's recompile limit
+    with pytest.raises(ValueError, match=f"keeps its original code.*{why}"):
+        specache.generate(model, torch.randint(2, 128, (1, 9)), 4)
 
 
 @pytest.mark.parametrize("arch,kv_heads", [("llama", 2), ("llama", 1), ("gpt2", 4)])  # GQA, MQA, MHA
