@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -297,10 +298,9 @@ def site_name(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
-        for prefix in ("L['self'].", "L['self']", "self."):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-                break
+        # the frame's local the module came from: L['self'] (a forward), L['args'][0] (a forward wrapped by a
+        # decorator that passes self on, as Bloom's), self.
+        path = re.sub(r"^(L\[[^\]]*\](\[[^\]]*\])*\.?|self\.)", "", path)
         return path or "model"
     return "attention"
 
