@@ -92,28 +92,35 @@ def test_full_policy_matches_unmodified(arch, attn, cache):
 
 
 # A wider sweep of transformers architectures, one cache and attention implementation each (the matrix above covers
-# the cache and mask variants): policy="full" must give the unmodified model's logits with every attention rewritten.
+# the cache and mask variants): every attention rewritten, the unmodified model's logits.
 MORE_ARCHS = ["qwen3", "gemma", "gemma3", "olmo2", "granite", "cohere", "starcoder2", "mixtral", "qwen2_moe", "phi",
               "stablelm", "gpt_neox", "falcon", "opt"]
 
 
-def compiled_and_unmodified(arch, attn, steps):
-    """(the model compiled with policy="full", its logits per step, the unmodified twin's) over a padded batch, with
-    a DynamicCache and the twin's greedy tokens fed to both."""
+def compiled_and_unmodified(arch, attn, steps, **compile_kw):
+    """(the model compiled with specache (policy="full" unless compile_kw say otherwise), its logits per step, the
+    unmodified twin's) over a padded batch, with a DynamicCache and the twin's greedy tokens fed to both."""
     model = build(arch, attn)
     ref = twin(model)
     ids, mask = padded_batch()
     with torch.no_grad():
         want, toks = decode_loop(ref, ids, mask, make_cache("dynamic", ref), steps)
-        specache.compile(model, policy="full")
+        specache.compile(model, **({"policy": "full"} | compile_kw))
         got, _ = decode_loop(model, ids, mask, make_cache("dynamic", model), steps, forced=toks)
     return model, got, want
 
 
+@pytest.mark.parametrize("policy", ["full", "specache"])
 @pytest.mark.parametrize("arch", MORE_ARCHS)
-def test_more_architectures_full_policy_matches_unmodified(arch):
-    model, got, want = compiled_and_unmodified(arch, "sdpa", 8)
-    assert_all_rewritten(model, 8)
+def test_more_architectures_match_unmodified(arch, policy):
+    """policy="full", and "specache" with a top-k covering the context (everything fetched back, the low-bit copy on
+    the device), give the unmodified model's logits."""
+    covering = {"topk": MAX_LEN, "window": 4, "group_size": 4, "bits": 2}
+    kw = {"policy": policy} | (covering if policy == "specache" else {})
+    model, got, want = compiled_and_unmodified(arch, "sdpa", 8, **kw)
+    st = assert_all_rewritten(model, 8)
+    if policy == "specache":
+        assert st["bytes"]["device"] > 0
     errs = [rel_err(g, w) for g, w in zip(got, want)]
     assert max(errs) <= FP32_REL, errs
 
