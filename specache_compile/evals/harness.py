@@ -165,6 +165,74 @@ def heatmap(rows: list[dict], policy: str, contexts: list[int], depths: list[flo
     plt.close(fig)
 
 
+SIDE_BY_SIDE = ("needle", "passkey", "forced_agreement", "kv_compression")
+
+
+def policies_plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Every policy side by side: needle and passkey accuracy, forced agreement with the full cache, and the KV
+    compression on the device (means over depths and trials), one line per policy against the context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, len(SIDE_BY_SIDE), figsize=(4.2 * len(SIDE_BY_SIDE), 4.2))
+    colors = plt.get_cmap("tab20").colors
+    for i, pol in enumerate(policies):
+        style = {"marker": "o", "label": pol, "color": colors[i % 20], "linestyle": ("-", "--")[i // 10 % 2]}
+        for ax, task in zip(axes, SIDE_BY_SIDE):
+            cells: dict[int, list[float]] = {}
+            for r in rows:
+                if r["policy"] != pol:
+                    continue
+                v = r.get("kv_compression") if task == "kv_compression" else (
+                    r["score"] if r["task"] == task else None)
+                if v is not None:
+                    cells.setdefault(r["context"], []).append(v)
+            if cells:
+                xs = sorted(cells)
+                ax.plot(xs, [sum(cells[x]) / len(cells[x]) for x in xs], **style)
+    for ax, task in zip(axes, SIDE_BY_SIDE):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(task.replace("_", " ") + (" (x, full cache / device KV)" if task == "kv_compression" else ""))
+        ax.grid(alpha=0.3)
+        if task != "kv_compression":
+            ax.set_ylim(-0.03, 1.03)
+    legend = {}  # every policy once, whichever panel it has a line in (full has no compression figure)
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    axes[-1].legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_results(path: Path, shas: list[str] | None, out: Path) -> int:
+    """Redraw the side-by-side plot from a results file: the rows of the given commits (default: the newest row's
+    commit and device), each policy's newest run."""
+    import json
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"specache eval --plot-only: expected rows in {path}, got none; fix: run the eval first")
+    shas = shas or [rows[-1]["git_sha"]]
+    device = rows[-1]["device"] if len(shas) == 1 and shas[0] == rows[-1]["git_sha"] else None
+    picked = [r for r in rows if any(r["git_sha"].startswith(s) for s in shas)
+              and (device is None or r["device"] == device)]
+    if not picked:
+        raise ValueError(f"specache eval --plot-only: expected rows of commit(s) {shas} in {path}, got none; fix: "
+                         "pass --plot-sha with a commit the file holds")
+    devices = sorted({r["device"] for r in picked})
+    title = f"{picked[0].get('model', '')} {', '.join(devices)}, commit {', '.join(s[:7] for s in shas)}"
+    policies_plot(picked, out, title)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="specache eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -183,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     p.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
     p.add_argument("--quick", action="store_true", help="small CPU grid; fails unless the full cache finds the needle")
+    p.add_argument("--plot-only", action="store_true",
+                   help="no runs: every policy side by side from --out's rows (accuracy_policies.png beside it)")
+    p.add_argument("--plot-sha", nargs="*", default=None, help="with --plot-only: the commits whose rows to plot")
     args = p.parse_args(argv)
+    if args.plot_only:
+        out = Path(args.out)
+        return plot_results(out, args.plot_sha, out.parent / "accuracy_policies.png")
     if args.quick:
         args.contexts, args.depths, args.trials, args.agree_tokens = [320, 640], [0.1, 0.5, 0.9], 2, 24
         args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
@@ -283,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             # this policy's heatmap as soon as its grid is done (a cut run keeps the finished ones)
             heatmap(rows, run.spec, contexts, args.depths, out.parent / f"needle_{_slug(run.spec)}.png")
     _summary(console, rows, runners, contexts)
+    policies_plot(rows, out.parent / "accuracy_policies.png", f"{env['model']} {env.get('device', '')}")
     console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f} s)")
     if args.quick:
         base_rows = [r for r in rows if r["task"] == "needle" and r["policy"] == "baseline"]

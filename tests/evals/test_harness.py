@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from specache_compile.evals.harness import main, parse_policy
 
 
@@ -31,6 +33,7 @@ def test_quick_eval_finds_the_needle(tmp_path):
     assert len(hits) == 4 and all(r["score"] is None for r in hits if r["policy"] == "baseline")
     assert all(0 < r["score"] <= 1 for r in hits if r["policy"] == "specache")
     assert (tmp_path / "needle_baseline.png").exists() and (tmp_path / "needle_specache.png").exists()
+    assert (tmp_path / "accuracy_policies.png").exists()  # every policy side by side
 
 
 def test_a_cut_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
@@ -57,3 +60,24 @@ def test_a_cut_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     # baseline only
     assert len(rows) == 2 * (2 * 3 + 4) and {r["policy"] for r in rows} == {"baseline"}
     assert (tmp_path / "needle_baseline.png").exists()
+
+
+def test_plot_only_draws_the_commits_asked_for(tmp_path, monkeypatch):
+    from specache_compile.evals import harness
+
+    out = tmp_path / "accuracy.jsonl"
+    rows = []
+    for sha, pol, score in (("aaaaaaa1", "specache", 1.0), ("bbbbbbb2", "quant", 0.5), ("bbbbbbb2", "full", 1.0)):
+        for ctx in (1024, 2048):
+            rows.append({"task": "needle", "policy": pol, "context": ctx, "score": score, "git_sha": sha,
+                         "device": "cpu", "model": "m", "kv_compression": None if pol == "full" else 3.0})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    monkeypatch.setattr(harness, "policies_plot", lambda rs, path, title: drawn.append((rs, path, title)))
+    assert main(["--plot-only", "--out", str(out)]) == 0  # default: the newest row's commit
+    assert {r["policy"] for r in drawn[-1][0]} == {"quant", "full"} and "bbbbbbb" in drawn[-1][2]
+    assert drawn[-1][1] == tmp_path / "accuracy_policies.png"
+    assert main(["--plot-only", "--out", str(out), "--plot-sha", "aaaaaaa", "bbbbbbb"]) == 0
+    assert {r["policy"] for r in drawn[-1][0]} == {"specache", "quant", "full"}
+    with pytest.raises(ValueError, match="expected rows of commit"):
+        main(["--plot-only", "--out", str(out), "--plot-sha", "ccccccc"])
