@@ -7,6 +7,9 @@ Two families, each matched structurally on the Dynamo graph (torch-level calls, 
   no-op dropout that eager attention implementations put between them (transformers' ``eager_attention_forward``,
   GPT-2's, hand-written modules).
 
+``flex_attention`` (the higher-order op) is counted and left alone: its score_mod and block mask are code the policies'
+kernels do not run.
+
 A matched attention is rewritten only if its k and v trace back to a KV-cache write (passes/kv_source.py) and nothing
 but the attention reads the cached tensors' values. Otherwise it keeps its original code, is counted as skipped, and
 one WARNING names the node and the reason. Negative cases (dropout, returned attention probabilities, a softmax that
@@ -284,6 +287,10 @@ def find(graph: fx.Graph) -> list[tuple[fx.Node, str, Match | Skip]]:
                 m = _match_softmax(node)
                 if m is not None:
                     out.append((node, "matmul", m))
+            elif node.op == "call_function" and str(node.target) == "flex_attention":  # the higher-order op
+                out.append((node, "flex", Skip(
+                    "flex_attention (a score_mod / block mask the policies' kernels do not apply): not rewritten; "
+                    "fix: load the model with attn_implementation='sdpa' or 'eager'")))
         except Skip as why:
             out.append((node, "sdpa" if is_fn(node, *_SDPA) else "matmul", why))
     return out
