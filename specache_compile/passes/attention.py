@@ -161,20 +161,30 @@ def _upstream(node: fx.Node) -> tuple[fx.Node, fx.Node | None, float, list[fx.No
     raise Skip("too many ops between q·kᵀ and softmax")
 
 
+def _walk_back(node, pred, depth: int = 8) -> fx.Node | None:
+    """The first node, walking back from ``node`` through the ops that feed it (every argument, depth-first, at most
+    ``depth`` ops along a path), for which ``pred`` says True; None if none does. ``pred`` returns True (this one),
+    False (walk on into its arguments) or None (stop: nothing on this path counts)."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+            return None
+        hit = pred(node)
+        if hit is not False:
+            return node if hit else None
+        nxt = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(nxt) != 1:
+            return next((f for f in (_walk_back(a, pred, depth - 1) for a in nxt) if f is not None), None)
+        node = nxt[0]
+    return None
+
+
+def _is_qk(node) -> bool:
+    return (is_fn(node, *_MATMUL) or is_method(node, "matmul")) and _is_transpose_last2(node.args[1]) is not None
+
+
 def _reaches_qk(node, depth: int = 8) -> bool:
     """Does ``node`` lead back, through elementwise ops, to a matmul with kᵀ (i.e. is it the scores)?"""
-    for _ in range(depth):
-        if not isinstance(node, fx.Node) or node.op != "call_function" and node.op != "call_method":
-            return False
-        if (is_fn(node, *_MATMUL) or is_method(node, "matmul")) and _is_transpose_last2(node.args[1]) is not None:
-            return True
-        nxt = [a for a in node.args if isinstance(a, fx.Node)]
-        if not nxt:
-            return False
-        if len(nxt) > 1:
-            return any(_reaches_qk(a, depth - 1) for a in nxt)
-        node = nxt[0]
-    return False
+    return _walk_back(node, _is_qk, depth) is not None
 
 
 # Products of two activations that attention scores are also spelled with (Bloom's ``alibi.baddbmm(q, k)`` over a key
@@ -203,31 +213,24 @@ def _is_param(node, depth: int = 6) -> bool:
     return False
 
 
+def _activation_product(node) -> bool | None:
+    """True for a product of two activations, None (stop) for a product with a parameter, False for anything else."""
+    if not (is_fn(node, *_PRODUCT_FNS) or is_method(node, *_PRODUCT_METHODS)):
+        return False
+    if is_fn(node, torch.einsum):
+        ops_ = [a for a in node.args[1:] if isinstance(a, fx.Node)]
+    elif is_fn(node, torch.baddbmm) or is_method(node, "baddbmm"):
+        ops_ = [node.kwargs.get("batch1", node.args[1] if len(node.args) > 1 else None),
+                node.kwargs.get("batch2", node.args[2] if len(node.args) > 2 else None)]
+    else:
+        ops_ = list(node.args[:2])
+    return (len(ops_) == 2 and all(isinstance(a, fx.Node) and not _is_param(a) for a in ops_)) or None
+
+
 def _score_product(node, depth: int = 8) -> fx.Node | None:
     """The product of two activations ``node`` leads back to through elementwise ops (scores the pass does not
     rewrite), or None (a softmax over a linear layer's logits: a router or a sampler, not attention)."""
-    for _ in range(depth):
-        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-            return None
-        if is_fn(node, *_PRODUCT_FNS) or is_method(node, *_PRODUCT_METHODS):
-            if is_fn(node, torch.einsum):
-                ops_ = [a for a in node.args[1:] if isinstance(a, fx.Node)]
-            elif is_fn(node, torch.baddbmm) or is_method(node, "baddbmm"):
-                ops_ = [node.kwargs.get("batch1", node.args[1] if len(node.args) > 1 else None),
-                        node.kwargs.get("batch2", node.args[2] if len(node.args) > 2 else None)]
-            else:
-                ops_ = list(node.args[:2])
-            if len(ops_) == 2 and all(isinstance(a, fx.Node) and not _is_param(a) for a in ops_):
-                return node
-            return None
-        nxt = [a for a in node.args if isinstance(a, fx.Node)]
-        if not nxt:
-            return None
-        if len(nxt) > 1:
-            found = [f for f in (_score_product(a, depth - 1) for a in nxt) if f is not None]
-            return found[0] if found else None
-        node = nxt[0]
-    return None
+    return _walk_back(node, _activation_product, depth)
 
 
 def _match_softmax(node: fx.Node) -> Match | None:
