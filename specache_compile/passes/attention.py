@@ -161,13 +161,18 @@ def _upstream(node: fx.Node) -> tuple[fx.Node, fx.Node | None, float, list[fx.No
     raise Skip("too many ops between q·kᵀ and softmax")
 
 
+# Learned projections: scores never pass through one on their way to the softmax, so a walk back stops there (else a
+# router's softmax over gate(norm(x)) walked on into the attention that produced x and was counted as attention).
+_LEARNED = (F.linear, F.embedding, F.conv1d, F.conv2d)
+
+
 def _walk_back(node, pred, depth: int = 8) -> fx.Node | None:
     """The first node, walking back from ``node`` through the ops that feed it (every argument, depth-first, at most
-    ``depth`` ops along a path), for which ``pred`` says True; None if none does. ``pred`` returns True (this one),
-    False (walk on into its arguments) or None (stop: nothing on this path counts)."""
+    ``depth`` ops along a path, never past a learned projection), for which ``pred`` says True; None if none does.
+    ``pred`` returns True (this one), False (walk on into its arguments) or None (stop: nothing on this path counts)."""
     for _ in range(depth):
-        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-            return None
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") or is_fn(node, *_LEARNED):
+            return None  # a linear layer's output is logits of its own (a router's), whatever fed its input
         hit = pred(node)
         if hit is not False:
             return node if hit else None

@@ -538,6 +538,23 @@ def test_router_next_to_cached_attention_counts_only_the_attention():
     assert st["store"]["layers.0.attention"]["decode_steps"] == 4
 
 
+@torch.no_grad()
+def test_router_after_matmul_attention_counts_only_the_attention():
+    """A router whose gate reads the output of a matmul attention (a few ops back, through the residual and the layer
+    norm): its softmax is over the gate's logits, not attention, however near the attention's q·kᵀ is upstream."""
+    torch.manual_seed(0)
+    model = CatTransformer(*HEADS["gqa"]).eval()
+    for layer in model.layers:
+        layer.mlp = Router(model.layers[0].n1.normalized_shape[0])
+    twin = copy.deepcopy(model)
+    specache.compile(model, policy="full")
+    toks = _tokens(8 + 3)
+    errs = [rel_err(a, b) for a, b in zip(run_cat(model, toks, 8, 3), run_cat(twin, toks, 8, 3))]
+    assert len(errs) == 4 and max(errs) < FP32_REL
+    st = specache.stats(model)
+    assert (st["found"], st["rewritten"], st["skipped"]) == (LAYERS, LAYERS, 0), st["sites"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Inductor as the inner compiler
 # ----------------------------------------------------------------------------------------------------------------------
