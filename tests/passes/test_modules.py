@@ -515,44 +515,24 @@ def test_router_softmax_is_not_attention(cls):
     assert counters["specache"]["attention_skipped"] == counters["specache"]["attention_rewritten"] == 0
 
 
-class RoutedFastBlock(FastBlock):
-    def __init__(self, dim, attention):
-        super().__init__(dim, attention)
-        self.mlp = Router(dim)
-
-
+@pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
-def test_router_next_to_cached_attention_counts_only_the_attention():
-    torch.manual_seed(0)
-    n_head, n_kv = HEADS["gqa"]
-    dim = n_head * DIM_HEAD
-    model = FastTransformer(n_head, n_kv, layers=1).eval()
-    model.layers[0] = RoutedFastBlock(dim, model.layers[0].attention)
-    twin = copy.deepcopy(model)
-    specache.compile(model, policy="full")
-    toks = _tokens(16 + 4)
-    errs = [rel_err(a, b) for a, b in zip(run_fast(model, toks, 16, 4), run_fast(twin, toks, 16, 4))]
-    assert len(errs) == 5 and max(errs) < FP32_REL
-    st = specache.stats(model)
-    assert (st["found"], st["rewritten"], st["skipped"]) == (1, 1, 0), st["sites"]
-    assert st["store"]["layers.0.attention"]["decode_steps"] == 4
-
-
-@torch.no_grad()
-def test_router_after_matmul_attention_counts_only_the_attention():
-    """A router whose gate reads the output of a matmul attention (a few ops back, through the residual and the layer
-    norm): its softmax is over the gate's logits, not attention, however near the attention's q·kᵀ is upstream."""
-    torch.manual_seed(0)
-    model = CatTransformer(*HEADS["gqa"]).eval()
+def test_router_next_to_cached_attention_counts_only_the_attention(family):
+    """A router as every layer's MLP: its gate reads the attention's output a few ops back (through the residual and
+    the layer norm), and its softmax is over the gate's logits, not attention, however near the attention's q·kᵀ is
+    upstream (the matmul family): only the attentions count."""
+    model, _ = _pair(family, "gqa")
     for layer in model.layers:
         layer.mlp = Router(model.layers[0].n1.normalized_shape[0])
     twin = copy.deepcopy(model)
     specache.compile(model, policy="full")
-    toks = _tokens(8 + 3)
-    errs = [rel_err(a, b) for a, b in zip(run_cat(model, toks, 8, 3), run_cat(twin, toks, 8, 3))]
-    assert len(errs) == 4 and max(errs) < FP32_REL
+    toks = _tokens(16 + 4)
+    run = FAMILIES[family][1]
+    errs = [rel_err(a, b) for a, b in zip(run(model, toks, 16, 4), run(twin, toks, 16, 4))]
+    assert len(errs) == 5 and max(errs) < FP32_REL
     st = specache.stats(model)
     assert (st["found"], st["rewritten"], st["skipped"]) == (LAYERS, LAYERS, 0), st["sites"]
+    assert all(site["decode_steps"] == 4 for site in st["store"].values()), st["store"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
