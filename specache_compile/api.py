@@ -45,6 +45,7 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
     runtime = rt.Runtime(config)
     runtime.adopt(list(model.parameters()))
+    runtime.param_names.update({id(p): n for n, p in model.named_parameters()})  # site names (graph breaks)
     setattr(model, _ATTR, runtime)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "disable_compile"):

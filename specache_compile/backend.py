@@ -48,7 +48,15 @@ def specache_backend(
         base = options.pop("config", config)
         config = with_overrides(base, options)
         runtime = rt.for_params(_params(example_inputs), config)
-    reports = rewrite(gm, runtime.handle)
+    real = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
+
+    def param_name(node: fx.Node) -> str | None:
+        x = real.get(node)
+        if not isinstance(x, torch.nn.Parameter):
+            return None
+        return runtime.param_names.get(id(x)) or f"param@{id(x):x}"
+
+    reports = rewrite(gm, runtime.handle, param_name)
     for r in reports:
         runtime.graph_stats.setdefault(r.site, []).append(r)
     inner = _inner(runtime.config, example_inputs)

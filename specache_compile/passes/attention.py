@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from ..kernels import ops  # noqa: F401  (registers torch.ops.specache.*)
-from .kv_source import APPEND, INDEX, KVSource, Skip, check_pair, ev, is_fn, is_method, resolve, shape_only_users
+from .kv_source import INDEX, KVSource, Skip, check_pair, ev, is_fn, is_method, peel, resolve, shape_only_users
 
 log = logging.getLogger("specache")
 
@@ -176,7 +176,9 @@ def _walk_back(node, pred, depth: int = 8) -> fx.Node | None:
         hit = pred(node)
         if hit is not False:
             return node if hit else None
-        nxt = [a for a in node.args if isinstance(a, fx.Node)]
+        # list arguments too: a softmax over torch.cat([scores, sink_logits]) leads back to its scores
+        nxt = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
+               if isinstance(a, fx.Node)]
         if len(nxt) != 1:
             return next((f for f in (_walk_back(a, pred, depth - 1) for a in nxt) if f is not None), None)
         node = nxt[0]
@@ -307,9 +309,11 @@ def find(graph: fx.Graph) -> list[tuple[fx.Node, str, Match | Skip]]:
 # -- naming ---------------------------------------------------------------------------------------------------------
 
 
-def site_name(node: fx.Node) -> str:
+def site_name(node: fx.Node, param_name=None) -> str:
     """A name stable across the graphs of one model (prefill, decode, recompiles, graph breaks): the path of the
-    innermost module the attention was traced in."""
+    innermost module the attention was traced in; where Dynamo recorded no module (a frame resumed after a graph
+    break inside the attention's forward), the module owning the first parameter the attention's inputs come from
+    (``param_name`` maps a graph input to its parameter's name). "" if neither is known."""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
@@ -317,7 +321,28 @@ def site_name(node: fx.Node) -> str:
         # decorator that passes self on, as Bloom's), self.
         path = re.sub(r"^(L\[[^\]]*\](\[[^\]]*\])*\.?|self\.)", "", path)
         return path or "model"
-    return "attention"
+    owner = _owner(node, param_name)
+    if owner is not None:
+        parts = param_name(owner).split(".")
+        return ".".join(parts[:-2]) if len(parts) > 2 else ".".join(parts)
+    return ""
+
+
+def _owner(node: fx.Node, param_name) -> fx.Node | None:
+    """The graph input holding the nearest parameter the attention's inputs come from (q's projection), if any."""
+    if param_name is not None:
+        seen, todo = set(), [node]
+        while todo:  # breadth first: the nearest parameter (q's projection) names the attention's module
+            cur = todo.pop(0)
+            if not isinstance(cur, fx.Node) or cur in seen or len(seen) > 256:
+                continue
+            seen.add(cur)
+            if cur.op == "placeholder":
+                if param_name(cur):
+                    return cur
+                continue
+            todo += [a for arg in cur.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))]
+    return None
 
 
 # -- rewriting ------------------------------------------------------------------------------------------------------
@@ -332,18 +357,18 @@ def _size(graph: fx.Graph, node: fx.Node, dim: int):
     return graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
 
 
-def _placeholder(graph: fx.Graph, like: fx.Node, new: fx.Node, seq_len) -> fx.Node:
-    """A zero-stride tensor with ``like``'s shape and dtype: what the model's cache object keeps instead of the KV.
+def _placeholder(graph: fx.Graph, token: fx.Node, new: fx.Node, seq_len) -> fx.Node:
+    """The site's cache token [B, 1, 1, 1] expanded to [B, H, S, D]: what the model's cache object keeps instead of
+    the KV.
 
     The model's cache (DynamicCache, StaticCache) still needs tensors of the right shape (it derives positions and
-    masks from ``keys.shape[-2]``), but after the rewrite nothing reads their values: a 0-d zero expanded to
-    [B, H, S, D] costs one element. Returned as a graph output, it becomes the cache's attribute; fed back next step,
-    it is the ``past`` the next cat would have read.
+    masks from ``keys.shape[-2]``), but after the rewrite nothing reads their values: B elements stand for the whole
+    tensor. Returned as a graph output, it becomes the cache's attribute; fed back next step, it is the ``past`` the
+    next cat would have read, and the runtime recognises its storage (a crop keeps it, a copy or a beam reorder does
+    not; a reorder's values are the row ids it picked).
     """
-    val = ev(like)
-    zero = graph.call_function(torch.zeros, ((),), {"dtype": val.dtype, "device": val.device})
     sizes = [_size(graph, new, 0), _size(graph, new, 1), seq_len, _size(graph, new, 3)]
-    return graph.call_method("expand", (zero, *sizes))
+    return graph.call_method("expand", (token, *sizes))
 
 
 def _base_len(graph: fx.Graph, src: KVSource):
@@ -373,20 +398,26 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, handle: int) -> list[SiteReport]:
-    """Rewrite every attention of ``gm`` it can; returns a report per attention found."""
+def rewrite(gm: fx.GraphModule, handle: int, param_name=None) -> list[SiteReport]:
+    """Rewrite every attention of ``gm`` it can; returns a report per attention found. ``param_name`` maps a graph
+    input to the name of the parameter it holds (site names where Dynamo recorded no module stack)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     reports: list[SiteReport] = []
     seen: dict[str, int] = {}
     for node, kind, match in find(graph):
-        name = site_name(node)
+        name = site_name(node, param_name)
+        unnamed = not name
+        name = name or "attention"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}#{seen[name] - 1}"
         try:
             if isinstance(match, Skip):
                 raise match
+            if unnamed:
+                raise Skip("traced without its module (a graph break in the attention's forward) and fed by no "
+                           "parameter that names it: every such attention would share one store")
             ks, vs = resolve(match.k, match.node, order), resolve(match.v, match.node, order)
             check_pair(ks, vs)
             _check_shapes(match, ks)
@@ -395,7 +426,10 @@ def rewrite(gm: fx.GraphModule, handle: int) -> list[SiteReport]:
                 bad = shape_only_users(src.base, allowed)
                 if bad:
                     raise Skip(f"the cached tensor {src.base.name} is also read by {bad[0].format_node()}")
+            at = _insertion_point(match, ks, vs, order)
         except Skip as why:
+            if not isinstance(match, Skip) and _refuse_placeholder_read(graph, match, name):
+                why = Skip(f"{why}; it reads a cache whose KV another graph moved to specache's store, so it raises")
             reports.append(SiteReport(name, kind, "skipped", str(why)))
             counters["specache"]["attention_skipped"] += 1
             if (name, str(why)) not in _warned:
@@ -403,13 +437,40 @@ def rewrite(gm: fx.GraphModule, handle: int) -> list[SiteReport]:
                 log.warning("specache: attention %s (%s, node %s) keeps its original code: %s", name, kind,
                             node.name, why)
             continue
-        _apply(graph, match, ks, vs, handle, name)
+        # no module stack: the graph may be shared by every layer, so the site is named at run time from its owner
+        owner = None if node.meta.get("nn_module_stack") else _owner(node, param_name)
+        _apply(graph, match, ks, vs, handle, name, at, owner)
         counters["specache"]["attention_rewritten"] += 1
-        reports.append(SiteReport(name, kind, "rewritten", mode="append" if ks.mode == APPEND else "index"))
+        reports.append(SiteReport(name, kind, "rewritten", mode="index" if ks.mode == INDEX else "append"))
         log.debug("specache: rewrote attention %s (%s, %s)", name, kind, reports[-1].mode)
     graph.lint()
     gm.recompile()
     return reports
+
+
+def _is_placeholder_input(node: fx.Node) -> bool:
+    """A graph input holding a specache placeholder: a [B, H, S, D] tensor with zero strides past the batch (no real
+    KV is laid out so; Dynamo specialises graphs on such strides, so the check holds for every call of this graph)."""
+    val = ev(node)
+    return (node.op == "placeholder" and val is not None and val.dim() == 4 and val.numel() > val.shape[0]
+            and all(st == 0 for st in val.stride()[1:]))
+
+
+def _refuse_placeholder_read(graph: fx.Graph, m: Match, name: str) -> bool:
+    """An attention left alone that reads a cache whose KV another graph rewrote into the store (cross-attention
+    caches written in the first decoder call and read raw after) would read placeholders: make it raise instead."""
+    reads = [peel(x)[0] for x in (m.k, m.v)]
+    if not any(_is_placeholder_input(r) for r in reads):
+        return False
+    msg = (f"specache: attention {name} reads a cache that another compiled graph of this model rewrote (its KV is in "
+           "specache's store, the cache holds placeholders), and this graph left it alone, so it would read "
+           "nothing. Fix: compile with attn_implementation='sdpa' so every call of this attention is rewritten, or "
+           "leave this model uncompiled.")
+    with graph.inserting_after(m.node):
+        out = graph.call_function(torch.ops.specache.refuse.default, (m.node, msg))
+    out.meta["example_value"] = ev(m.node)
+    m.node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+    return True
 
 
 def _check_shapes(m: Match, ks: KVSource) -> None:
@@ -424,20 +485,54 @@ def _check_shapes(m: Match, ks: KVSource) -> None:
         raise Skip(f"k has {heads_seen} heads for {hq} query heads without enable_gqa")
 
 
-def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, name: str) -> None:
+def _cache_readers(src: KVSource, m: Match) -> list[fx.Node]:
+    """Nodes other than the attention that hold the cache tensor (graph outputs, a sliding window's tail slice)."""
+    if src.base.op != "call_function":
+        return []
+    return [u for u in src.base.users if u not in src.chain and u is not m.node and u not in src.writers]
+
+
+def _insertion_point(m: Match, ks: KVSource, vs: KVSource, order: dict[fx.Node, int]) -> fx.Node:
+    """Where the attend op goes: before the attention, or earlier when the cache's tensor is kept (a sliding window's
+    tail slice) before it, since what the cache keeps is built from the op's token. Every input must precede it."""
+    readers = [u for src in (ks, vs) for u in _cache_readers(src, m) if u.op != "output"]
+    at = min([m.node, *readers], key=lambda n: order.get(n, 1 << 60))
+    inputs = [m.q, ks.new, vs.new, m.mask, ks.write_pos, ks.past]
+    late = [x for x in inputs if isinstance(x, fx.Node) and order.get(x, -1) >= order.get(at, 1 << 60)]
+    if late:
+        raise Skip(f"the cache's tensor is kept ({at.format_node()}) before {late[0].name}, an input of the attention, "
+                   "is computed")
+    return at
+
+
+def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, name: str, at: fx.Node,
+           owner: fx.Node | None = None) -> None:
     qv = ev(m.q)
     scale = m.scale if m.scale is not None else 1.0 / math.sqrt(qv.shape[-1])
     col = ks.col_slice or (None, None)
-    with graph.inserting_before(m.node):
+    # what the cache held before this call: the past it concatenated (absent while the layer is empty), or the buffer
+    # (a buffer the graph allocates itself, a lazily initialised StaticCache layer, is new: nothing to compare)
+    if ks.mode == INDEX:
+        cache = ks.base if ks.base.op in ("placeholder", "get_attr") else None
+    else:
+        cache = ks.past if ev(ks.past) is not None and ev(ks.past).dim() == 4 else None
+    with graph.inserting_before(at):
         base_len = _base_len(graph, ks)
-        out = graph.call_function(
+        call = graph.call_function(
             torch.ops.specache.attend.default,
-            (m.q, ks.new, vs.new, m.mask, ks.write_pos, base_len, col[0], col[1], ks.mode, float(scale),
+            (m.q, ks.new, vs.new, m.mask, cache, ks.write_pos, base_len, col[0], col[1], ks.mode, float(scale),
              m.is_causal, handle, name),
+            {"owner": owner} if owner is not None else {},
         )
+        out = graph.call_function(operator.getitem, (call, 0))
+        token = graph.call_function(operator.getitem, (call, 1))
+    kv = ev(ks.new)
     keep = ("nn_module_stack", "stack_trace", "source_fn_stack")
-    out.meta.update({k: v for k, v in m.node.meta.items() if k in keep})
+    for n in (call, out, token):
+        n.meta.update({k: v for k, v in m.node.meta.items() if k in keep})
     out.meta["example_value"] = ev(m.node)
+    token.meta["example_value"] = kv.new_empty((kv.shape[0], 1, 1, 1))
+    call.meta["example_value"] = (out.meta["example_value"], token.meta["example_value"])
     m.node.replace_all_uses_with(out)
     dead = [m.node, *m.chain]
     for src in (ks, vs):
@@ -445,15 +540,14 @@ def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, n
             graph.erase_node(w)
         dead += src.chain
         base = src.base
-        # The cache tensor itself (the cat, or a buffer the graph allocated) becomes a zero-stride placeholder for
-        # whatever else holds it (the cache object, through the graph's outputs).
+        # The cache tensor itself (the cat, or a buffer the graph allocated) becomes a placeholder expanded from the
+        # site's token for whatever else holds it (the cache object, through the graph's outputs).
         if base.op == "call_function":
-            others = [u for u in base.users if u not in src.chain and u is not m.node]
+            others = _cache_readers(src, m)
             if others:
-                # inserting_before(next) keeps insertion order; the placeholder must precede every user of base
-                with graph.inserting_before(base.next):
-                    seq = _base_len(graph, src) if src.mode == APPEND else _size(graph, base, 2)
-                    ph = _placeholder(graph, base, src.new, seq)
+                with graph.inserting_before(at):
+                    seq = _size(graph, base, 2) if src.mode == INDEX else _base_len(graph, src)
+                    ph = _placeholder(graph, token, src.new, seq)
                 for u in others:
                     u.replace_input_with(base, ph)
             dead.append(base)

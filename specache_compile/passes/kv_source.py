@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-APPEND = 0  # must match runtime.runtime.APPEND / INDEX
-INDEX = 1
+from ..kernels.ops import Layout
+
+APPEND, INDEX, WINDOW = Layout.APPEND, Layout.INDEX, Layout.WINDOW
 
 
 class Skip(Exception):
@@ -181,7 +182,12 @@ def resolve(node: fx.Node, attention: fx.Node, order: dict[fx.Node, int]) -> KVS
         pv, nv = ev(past), ev(new)
         if nv is None or nv.dim() != 4 or pv is None or not (pv.dim() == 4 or (pv.dim() == 1 and pv.numel() == 0)):
             raise Skip(f"a cat whose operands are not 4-D KV tensors: {base.format_node()}")
-        return KVSource(new=new, mode=APPEND, base=base, past=past, col_slice=col_slice, n_rep=n_rep, chain=chain)
+        # a cat whose result the cache keeps as a tail slice (DynamicSlidingWindowLayer): the runtime must not take a
+        # past shorter than its store for a crop
+        tail = any(is_fn(u, operator.getitem) and _seq_slice(u.args[1]) is not None and u not in chain
+                   for u in base.users)
+        return KVSource(new=new, mode=WINDOW if tail else APPEND, base=base, past=past, col_slice=col_slice,
+                        n_rep=n_rep, chain=chain)
     writes = _writers(base, attention, order)
     if not writes:
         raise Skip("no KV-cache write feeds this attention (no torch.cat([past, new]) or in-place write into a "

@@ -120,6 +120,14 @@ class SpeCachePolicy(Policy):
         self._cands[site.name] = max(0, view.hi - self.window - self.sinks)
         self._topk = None  # re-allocated at the next decode step, once every layer has its preference
 
+    def _fit_slots(self, site, n_cand: int) -> None:
+        """Grow the fetch slots (doubling, up to the top-k) when the candidates outgrow them."""
+        need = min(self.topk_of(site), n_cand)
+        rows = site.tier["prefetch"].rows
+        if rows < need:
+            site.tier["prefetch"].cancel()
+            _new_prefetch(site, min(self.topk_of(site), max(need, 2 * rows)))
+
     def topk_of(self, site) -> int:
         """This site's top-k: Config.topk, or with layer_budgets='cake' its share of topk x layers, in proportion to
         CAKE's preference P_l = H_l^(1/tau1) V_l^(1/tau2) (CAKE Eq. budget, capped at the layer's candidates)."""
@@ -156,9 +164,11 @@ class SpeCachePolicy(Policy):
         t["win_v"] = Growable((b, h), (dv,), site.dtype, dev, capacity=self.window + self.group)
         t["sink_k"] = Growable((b, h), (d,), site.dtype, dev)
         t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
-        # Fetched rows land in two slots of topk rows per KV head, allocated once per sequence: the stream manager
-        # fills one (next step's prefetch) while attention reads the other. On-demand fetches use the free one.
-        _new_prefetch(site, max(self.topk, 1))
+        # Fetched rows land in two slots of topk rows per KV head (never more than the sequence can hold: a top-k
+        # of 10**6 meant "fetch everything"), allocated once per sequence when its capacity is known, else grown
+        # with the candidates (_fit_slots): the stream manager fills one (next step's prefetch) while attention reads
+        # the other. On-demand fetches use the free one.
+        _new_prefetch(site, max(1, min(self.topk, site.capacity or _FIRST_SLOT_ROWS)))
         t["hits"] = torch.zeros((), dtype=torch.int64, device=dev)  # sampled prefetch hits (device counters)
         t["hit_total"] = torch.zeros((), dtype=torch.int64, device=dev)
         t["spec_steps"] = 0
@@ -227,6 +237,7 @@ class SpeCachePolicy(Policy):
         low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
         c_lo = max(lo, min(self.sinks, qhi))  # top-k candidates: [c_lo, qhi), outside sinks and window
         n_cand = qhi - c_lo
+        self._fit_slots(site, n_cand)
         topk = self.topk_of(site)
         if n_cand <= topk:
             # topk covers every candidate: fetch them all, the attention is exact.
@@ -263,6 +274,7 @@ class SpeCachePolicy(Policy):
         b, hq, r = q_rows.shape[:3]
         hkv = site.heads
         n_cand = qhi - c_lo
+        self._fit_slots(site, n_cand)
         logits = torch.cat([low_logits, ops.attention_logits(q_rows, k_cols, scale)], dim=-1)
         if bias_rows is not None:
             logits = logits + bias_rows
@@ -293,6 +305,7 @@ class SpeCachePolicy(Policy):
         low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
+        self._fit_slots(site, n_cand)
         sinks = c_lo > lo
         if n_cand <= self.topk_of(site):
             # every candidate fits: fetch them all now (exact attention); nothing to predict
@@ -374,6 +387,7 @@ class SpeCachePolicy(Policy):
         # Rank candidates [c_lo, qhi): low-bit scores, softmax over every attended column.
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
+        self._fit_slots(site, n_cand)
         topk = self.topk_of(site)
         k_cols = torch.cat([k_low, k_win], dim=2)
         v_cols = torch.cat([v_low, v_win], dim=2)
@@ -409,6 +423,9 @@ class SpeCachePolicy(Policy):
 def _row_bytes(site, idx) -> int:
     """Bytes of the K and V rows idx [B, Hkv, K] (shape arithmetic, no sync)."""
     return idx.numel() * (site.head_dim + site.v_head_dim) * site.dtype.itemsize
+
+
+_FIRST_SLOT_ROWS = 1024  # fetch slot rows before the sequence's length is known (a prompt of that many fits at once)
 
 
 def _new_prefetch(site, rows: int) -> Prefetch:

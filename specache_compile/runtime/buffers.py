@@ -89,6 +89,19 @@ class Growable:
         to CUDA asynchronously, on the current stream."""
         return quant_ops.read_rows_from_host(self.view(lo, hi), device, pinned=self.pin)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` of the first prefix dim (the batch), in that order."""
+        if self._inflight:
+            # NOTE: a host sync: the gather below reads rows a device->host copy may still be writing. Only when the
+            # sequences are reordered (beam search), never on a plain decode step.
+            torch.cuda.synchronize()
+            self._inflight = False
+        rows = rows.to(self.data.device)
+        self.prefix = (int(rows.numel()), *self.prefix[1:])
+        new = self._alloc(self.data.shape[self.seq_dim])
+        torch.index_select(self.data, 0, rows, out=new)
+        self.data = new
+
     def clear(self) -> None:
         self.length = 0
 

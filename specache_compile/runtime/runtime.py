@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import Config, KVHome
 from ..kernels import ops
+from ..kernels.ops import Layout
 from ..policies import PrefillView, registered
 from .store import Site
 from .streams import Streams
@@ -27,8 +28,8 @@ from .streams import Streams
 log = logging.getLogger("specache")
 
 # How the model's cache lays out the keys the original attention read (set by the pass, see passes/kv_source.py).
-APPEND = 0  # torch.cat([past, new], dim=-2): DynamicCache, DynamicSlidingWindowLayer; past_len = base_len - new
-INDEX = 1  # buf.index_copy_(2, pos, new) / buf[:, :, pos] = new: StaticCache, gpt-fast; columns are positions
+APPEND, INDEX, WINDOW = Layout.APPEND, Layout.INDEX, Layout.WINDOW
+_RETIRED_KEPT = 8  # earlier cache tokens kept alive per site: their storage cannot be reused by a later token
 
 # Step modes (Runtime.stepping): how the runtime reads the next calls. See specache_compile/generate.py.
 NORMAL, LOOKAHEAD, SPECULATIVE = "normal", "lookahead", "speculative"
@@ -89,10 +90,17 @@ class Runtime:
         self.handle = next(_ids)
         self.graph_stats: dict[str, list] = {}  # site -> the pass's SiteReport for each graph the site appeared in
         self._params: list[weakref.ref] = []
+        # id(parameter) -> its name in the model (specache.compile): names the site of an attention traced without
+        # Dynamo's module stack (a frame resumed after a graph break in the attention's forward)
+        self.param_names: dict[int, str] = {}
+        self._param_refs: dict[int, weakref.ref] = {}
+        self._ptr_names: dict[int, str] = {}
+        self._owner_names: dict[int, str] = {}
         self.streams = Streams()
         self.capacity_hint = 0  # tokens the next sequence will reach (specache.generate sets it): one allocation
         self.calls = 0  # attend calls served: specache.generate checks every model call reached the runtime
         self.step_mode = NORMAL
+        self._serial = 0  # sequences started: a token's storage size carries it (Runtime.token)
         self._pos_bad: torch.Tensor | None = None
         self._pos_site: tuple[str, int] = ("", 0)
         from ..policies.specache_static import StepShared
@@ -103,6 +111,7 @@ class Runtime:
     def adopt(self, params: list[torch.Tensor]) -> None:
         for p in params:
             _BY_PARAM[p] = self
+            self._param_refs[id(p)] = weakref.ref(p)
 
     # -- the op ---------------------------------------------------------------------------------------------------
     def attend(
@@ -111,6 +120,7 @@ class Runtime:
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         mask: torch.Tensor | None,
+        cache: torch.Tensor | None,
         write_pos: torch.Tensor | None,
         base_len: int,
         col_start: int | None,
@@ -140,7 +150,11 @@ class Runtime:
             n_real = want - 1
         elif sq > 1:
             self.check_deferred()
-        if mode == APPEND:
+        ncols_read = len(range(*slice(col_start, col_stop).indices(base_len)))
+        if mask is not None and mask.shape[-1] == 1 and ncols_read != 1:
+            # a mask broadcast along the keys ([B, 1, 1, 1]): the policies read the bias width as the attended columns
+            mask = mask.expand(*mask.shape[:-1], ncols_read)
+        if mode != INDEX:
             past = base_len - sn
             if past == 0 or site is None:
                 if past != 0:
@@ -150,7 +164,9 @@ class Runtime:
                         f"{self._skipped_note(site_name)}. Fix: pass a fresh cache (or none) to the compiled model."
                     )
                 site = self._reset(site_name, site, k_new, v_new)
-            elif past > site.length:
+            else:
+                self.follow_cache(site, cache, past, mode)
+            if past > site.length or (mode == APPEND and past != site.length):
                 raise CacheMismatch(
                     f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
                     "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
@@ -165,6 +181,10 @@ class Runtime:
             start = site.length
             first = start + sn - base_len  # store position of base column 0 (> 0 for a sliding-window layer)
         elif (sq == 1 or speculating) and site is not None and site.length > 0:
+            self._check_buffer(site, cache)
+            if write_pos.device.type == "cpu" and not speculating:
+                # positions on the host cost no sync: follow a rewind (a draft model re-decoding) now, not later
+                self._follow_positions(site, write_pos, sn)
             if getattr(self.policy, "static", False):
                 return self._attend_static(site, q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop,
                                            scale, n_real, speculating)
@@ -189,11 +209,17 @@ class Runtime:
                         "cache filled by this compiled model from position 0. Fix: prefill through the compiled model."
                     )
                 site = self._reset(site_name, site, k_new, v_new)
-            elif start != site.length:
-                raise CacheMismatch(
-                    f"specache: site {site_name} writes at position {start} but its store holds {site.length} "
-                    "tokens; expected the next position. Fix: re-prefill; specache does not rewind the store."
-                )
+            else:
+                self._check_buffer(site, cache)
+                if start < site.length:  # the cache was cropped (assisted decoding) or rewound
+                    self.rewrite_history(site, start, None, f"rewound to position {start}")
+                elif start > site.length:
+                    raise CacheMismatch(
+                        f"specache: site {site_name} writes at position {start} but its store holds {site.length} "
+                        "tokens; expected at most the next position. Fix: write the cache in order from position 0."
+                    )
+            if start == 0:
+                site.buffer_ptr = cache.data_ptr() if cache is not None else 0
             first = 0
         if site is not None and "static" in site.tier and site.length > 0 and not (mode == INDEX and (sq == 1 or
                                                                                                   speculating)):
@@ -311,6 +337,146 @@ class Runtime:
         self._pos_site = (site.name, site.length)
         return out
 
+    def owner_site(self, owner: torch.Tensor, traced: str) -> str:
+        """The site of an attention whose graph is shared by every layer (traced in a resumed frame): named from the
+        parameter ``owner`` of its module, found by storage (the names specache.compile recorded), else by address.
+        The report of the traced graph is filed under that name too."""
+        ptr = owner.data_ptr()
+        name = self._owner_names.get(ptr)
+        if name is None:
+            if not self._ptr_names:
+                self._ptr_names = {p.data_ptr(): n for p, n in self._named_params() if p is not None}
+            full = self._ptr_names.get(ptr)
+            parts = full.split(".") if full else []
+            name = ".".join(parts[:-2]) if len(parts) > 2 else (full or f"attention@{ptr:x}")
+            self._owner_names[ptr] = name
+        if name != traced and traced in self.graph_stats and name not in self.graph_stats:
+            self.graph_stats[name] = list(self.graph_stats[traced])
+        return name
+
+    def _named_params(self):
+        return [(r(), self.param_names.get(pid, "")) for pid, r in self._param_refs.items()]
+
+    # -- following the model's cache ------------------------------------------------------------------------------
+    def token(self, site_name: str) -> torch.Tensor:
+        """A new cache token for the site: [B, 1, 1, 1] row ids 0..B-1 in the KV dtype, which the pass expands into
+        the placeholders the model's cache keeps. Fresh storage each call (an op's output may not alias its inputs,
+        and the last call's token comes back as the cache input), sized to carry the sequence's serial, so the
+        runtime tells apart the cache it handed out last (a crop keeps its storage), an earlier one, an unknown copy
+        (copy.deepcopy copies the whole storage) and a gather of rows (beam search's reorder_cache materialises the
+        row ids it picked)."""
+        site = self.sites[site_name]
+        if site.master is None or site.master.shape[0] != site.batch + 1 + self._serial % 61:
+            buf = torch.zeros(site.batch + 1 + self._serial % 61, dtype=site.dtype, device=site.device)
+            buf[: site.batch].copy_(torch.arange(site.batch))
+            site.master = buf
+        site.token = site.master.clone()[: site.batch].view(site.batch, 1, 1, 1)
+        return site.token
+
+    def _retire(self, site: Site, valid: int) -> None:
+        site.retired = [(t, min(n, valid)) for t, n in site.retired]
+        if site.token is not None:
+            site.retired.append((site.token, valid))
+        site.retired = site.retired[-_RETIRED_KEPT:]
+        site.token = None
+
+    def follow_cache(self, site: Site, cache: torch.Tensor | None, past: int, mode: int) -> None:
+        """Make the store follow what was done to the model's cache outside the graph since the last call, or raise.
+
+        DynamicCache's crop (assisted and prompt-lookup decoding) keeps the placeholder's storage at a shorter length;
+        reorder_cache (beam search), batch_repeat_interleave and batch_select_indices gather the token's row ids into
+        a new tensor; copy.deepcopy (prefix reuse) copies the storage. Each is recognised from the tensor the cache
+        hands back (no host sync on a plain step: storage pointer and strides are metadata), and the store is cut
+        back or its rows gathered to match, with the policy's device tier rebuilt from the full-precision rows."""
+        if cache is None:
+            return
+        ptr = cache.data_ptr()
+        if site.token is not None and ptr == site.token.data_ptr():
+            if mode == APPEND and past < site.length:
+                self.rewrite_history(site, past, None, f"cropped to {past} tokens")
+            return
+        what = "handed back a cache specache did not produce last"
+        for tok, valid in site.retired:
+            if ptr == tok.data_ptr():
+                if mode == APPEND and past <= min(valid, site.length):
+                    self.rewrite_history(site, past, None, f"resumed from an earlier cache at {past} tokens")
+                    return
+                what = (f"resumed from a cache of {past} tokens that was cropped, reordered or continued elsewhere "
+                        f"since (the store still matches its first {min(valid, site.length)})")
+                break
+        else:
+            if mode == WINDOW:
+                what = "copied, reordered or cropped a sliding-window layer's cache, which specache cannot follow"
+            elif all(st == 0 for st in cache.stride()[1:]) and site.master is not None and (
+                    cache.untyped_storage().nbytes() == site.master.untyped_storage().nbytes()):
+                # a copy of a placeholder of this sequence (copy.deepcopy of the cache): what it holds is the prefix
+                # the store has not been cut below since the sequence began
+                if past <= min(site.low_water, site.length):
+                    if past < site.length:
+                        self.rewrite_history(site, past, None, f"continued from a copy at {past} tokens")
+                    return
+                what = f"continued from a copy of {past} tokens while the store was cut below that since"
+            elif past == site.length and cache.dim() == 4:
+                # NOTE: reads the row ids to the host (a sync): only after beam search's reorder, never on a plain step
+                ids = cache[:, 0, 0, 0].float().cpu()
+                rows = ids.round().long()
+                if bool((ids == rows).all()) and bool(((rows >= 0) & (rows < site.batch)).all()):
+                    self.rewrite_history(site, past, rows, "reordered (beam search)")
+                    return
+        raise CacheMismatch(
+            f"specache: site {site.name}: the model's cache was {what}; expected the cache this compiled model "
+            "returned (or a crop, reorder or copy of it). Fix: pass the cache the last call returned, or start a new "
+            "sequence with a fresh cache."
+        )
+
+    def rewrite_history(self, site: Site, n: int, rows: torch.Tensor | None, why: str) -> None:
+        """Cut the store back to ``n`` tokens (and keep batch ``rows``), then rebuild the policy's device tier from
+        the full-precision rows. Caches of earlier tokens keep only the prefix they still share."""
+        name = self.policy.name
+        if not (self.policy.uses_store and site.keep_full and site.codec is None):
+            raise CacheMismatch(
+                f"specache: site {site.name}: the model's cache was {why} outside the compiled graph; policy {name!r} "
+                "keeps no full-precision copy to rebuild its state from. Fix: use policy 'specache' or 'full' for "
+                "beam search, assisted decoding and cache copies, or a generation mode that does not edit the cache."
+            )
+        if "static" in site.tier:
+            raise CacheMismatch(
+                f"specache: site {site.name}: the model's cache was {why}; the static decode path "
+                "(policy_options['static']) keeps fixed state for the sequence. Fix: compile without static=True."
+            )
+        site.truncate(n)
+        if rows is not None:
+            site.select_batch(rows)
+        self._retire(site, 0 if rows is not None else n)
+        site.low_water = 0 if rows is not None else min(site.low_water, n)
+        self._step_shared.clear()
+        self.policy.reset(site)
+        if n:
+            self.policy.append(site, site.k.read(0, n, site.device), site.v.read(0, n, site.device), 0)
+        site.stats.rewrites += 1
+
+    def _check_buffer(self, site: Site, cache: torch.Tensor | None) -> None:
+        """An index-mode cache writes in place into one buffer for the whole sequence; another buffer means the cache
+        was copied or reordered (reorder_cache gathers a new one), which the store cannot follow."""
+        if cache is not None and site.buffer_ptr and cache.data_ptr() != site.buffer_ptr:
+            raise CacheMismatch(
+                f"specache: site {site.name}: the model's StaticCache buffers were replaced since its prefill (a beam "
+                "search reorder_cache or a copy of the cache); specache cannot follow a static cache's reorder or "
+                "copy. Fix: use a DynamicCache (the default) for beam search and cache copies."
+            )
+
+    def _follow_positions(self, site: Site, write_pos: torch.Tensor, n: int) -> None:
+        pos = write_pos.reshape(-1)
+        start = int(pos[0])
+        if pos.numel() != n or not torch.equal(pos, torch.arange(start, start + n)):
+            raise CacheMismatch(f"specache: site {site.name} writes positions {pos.tolist()[:8]}; expected {n} "
+                                "consecutive positions. Fix: cache_position = arange(past, past + n).")
+        if start < site.length:
+            self.rewrite_history(site, start, None, f"rewound to position {start}")
+        elif start > site.length:
+            raise CacheMismatch(f"specache: site {site.name} writes at position {start} but its store holds "
+                                f"{site.length} tokens; expected at most the next position. Fix: write in order.")
+
     # -- speculative decoding and deferred checks -----------------------------------------------------------------
     @contextlib.contextmanager
     def stepping(self, mode: str):
@@ -384,6 +550,11 @@ class Runtime:
             )
             self.sites[name] = site
         site.truncate(0)
+        self._serial += 1
+        self._retire(site, 0)  # caches of the last sequence share nothing with this one
+        site.master = None
+        site.low_water = 1 << 62
+        site.buffer_ptr = 0
         self._step_shared.clear()
         site.capacity = max(site.capacity, self.capacity_hint)
         if getattr(self.policy, "host_codec", None) is not None:

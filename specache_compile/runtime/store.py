@@ -27,6 +27,7 @@ class SiteStats:
     err_sum: float = 0.0  # relative error of the policy's attention output against exact attention (measure_error)
     err_max: float = 0.0
     err_count: int = 0
+    rewrites: int = 0  # crops, rewinds, reorders and copies of the model's cache the store followed
 
 
 @dataclass
@@ -49,6 +50,15 @@ class Site:
     codec: Any = None
     tier: dict[str, Any] = field(default_factory=dict)
     stats: SiteStats = field(default_factory=SiteStats)
+    # The last cache token (runtime.Runtime.token): the tensor the model's cache keeps views of instead of KV, earlier
+    # tokens of this site with how many leading rows their caches still share with the store, the shortest length the
+    # store was cut back to this sequence (what an unrecognised copy of a placeholder may rely on), and the buffer an
+    # index-mode cache writes into.
+    token: torch.Tensor | None = None
+    master: torch.Tensor | None = None  # what each token is cloned from: row ids, and a size carrying the serial
+    retired: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    low_water: int = 1 << 62
+    buffer_ptr: int = 0
 
     def __post_init__(self) -> None:
         prefix = (self.batch, self.heads)
@@ -84,6 +94,12 @@ class Site:
         self._length += stored * steps
         self.k.length = self.v.length = self._length
         self.stats.decode_steps += (stored if speculating else 1) * steps
+
+    def select_batch(self, rows: torch.Tensor) -> None:
+        """Keep batch rows ``rows`` (a reorder, repeat or selection of the sequences, as beam search does)."""
+        for buf in (self.k, self.v):
+            buf.select(rows)
+        self.batch = int(rows.numel())
 
     def truncate(self, n: int) -> None:
         self.k.length = min(self.k.length, n)

@@ -39,7 +39,7 @@ SLIDING = 14  # Mistral's window at pass level: < 12 + 6 tokens, so the last ste
 
 def step(rt, q, k, v, base_len, mask=None, causal=False):
     """One specache::attend call of a DynamicCache-style site (APPEND mode): base_len = columns the model attends."""
-    return rt.attend(q, k, v, mask, None, base_len, None, None, APPEND, SCALE, causal, "s")
+    return rt.attend(q, k, v, mask, None, None, base_len, None, None, APPEND, SCALE, causal, "s")
 
 
 def run_sequence(policy_options, prompt, steps, dtype=torch.float32, seed=0, window=None, mask_fn=None):
