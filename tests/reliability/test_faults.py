@@ -1,0 +1,85 @@
+"""Faults in the middle of a sequence: a failed host or device allocation and a KeyboardInterrupt inside a step end
+in an error, leave nothing half-written that a later call would trust, and the model works after specache.reset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import build, twin
+
+import specache
+from specache_compile.runtime import buffers
+
+ARGS = dict(policy="specache", topk=4096, window=4, group_size=16)
+
+
+def ids(n=20, seed=0):
+    return torch.randint(2, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def models():
+    ref = build("llama", seed=0)
+    return ref, specache.compile(twin(ref), **ARGS)
+
+
+@pytest.mark.parametrize("where", ["host", "device"])
+@torch.no_grad()
+def test_failed_allocation_raises_then_reset_recovers(models, monkeypatch, where):
+    ref, m = models
+    want = ref.generate(ids(), max_new_tokens=6)
+    real = buffers.Growable._alloc
+    calls = {"n": 0}
+
+    def failing(self, capacity):
+        # the store's host buffers are float rows of the KV; the device tier's low-bit codes are uint8
+        is_host = self.dtype != torch.uint8
+        if capacity and (is_host == (where == "host")):
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("simulated: cannot allocate")
+        return real(self, capacity)
+
+    monkeypatch.setattr(buffers.Growable, "_alloc", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        m.generate(ids(), max_new_tokens=6)
+    assert calls["n"] > 0
+    monkeypatch.setattr(buffers.Growable, "_alloc", real)
+    specache.reset(m)
+    assert torch.equal(m.generate(ids(), max_new_tokens=6), want)
+
+
+@torch.no_grad()
+def test_keyboard_interrupt_inside_a_step(models, monkeypatch):
+    """Interrupted between two layers' attention of a decode step: the cache the model holds is the one from before
+    the step, which the store then follows back (one layer had appended); after reset a new sequence is exact too."""
+    ref, m = models
+    runtime = specache.runtime_of(m)
+    real = runtime.attend
+    seen = {"n": 0}
+
+    def interrupt(*a):
+        seen["n"] += 1
+        if seen["n"] == 2 * 2 + 2:  # prefill (2 layers), one decode step (2 layers), then layer 1 of the next step
+            raise KeyboardInterrupt
+        return real(*a)
+
+    from transformers import DynamicCache
+
+    for model in (ref, m):
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids(), past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        if model is m:
+            seen["n"] = 4
+            monkeypatch.setattr(runtime, "attend", interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                model(input_ids=tok, past_key_values=cache, use_cache=True)
+            monkeypatch.setattr(runtime, "attend", real)
+            got = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        else:
+            want = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(got, want)
+    specache.reset(m)
+    assert torch.equal(m.generate(ids(seed=3), max_new_tokens=6), ref.generate(ids(seed=3), max_new_tokens=6))
