@@ -4,7 +4,6 @@ another, masks broadcast along the keys, scores concatenated with extra logits, 
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import build, twin
