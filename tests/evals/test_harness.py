@@ -13,6 +13,7 @@ def test_parse_policy():
     assert parse_policy("baseline") == ("baseline", {})
 
 
+@pytest.mark.slow  # the whole `specache eval --quick` grid on the trained model: ~25 s warm on 2 cores, ~2 min cold
 def test_quick_eval_finds_the_needle(tmp_path):
     out = tmp_path / "accuracy.jsonl"
     assert main(["--quick", "--out", str(out)]) == 0  # returns 1 if the full cache misses the needle

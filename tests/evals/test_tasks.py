@@ -198,6 +198,7 @@ def test_corpus_is_reproducible(corpus, tmp_path):
         load_corpus(bad, expect_sha256=sha)
 
 
+@pytest.mark.slow  # trains a model in a child process (bench/train_tiny.py --smoke): ~10 s alone, more beside a worker
 def test_train_tiny_smoke_saves_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

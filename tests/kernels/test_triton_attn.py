@@ -34,6 +34,12 @@ from specache_compile.kernels import reference as ref  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run on the lent GPU)")
+# -n 2 --dist loadgroup (README): every test of this module on one worker, so the interpreted run (a module
+# fixture, in a child process) happens once rather than once per worker
+pytestmark = pytest.mark.xdist_group("interpreted_attn")
+# slow: the `interpreted` fixture runs every case's kernels under Triton's interpreter in a child process
+# (~15 s on 2 cores before the first of its tests); `-m slow` (CI) runs them, the GPU session runs the kernels
+slow_interpreted = pytest.mark.slow
 # House rule: ours errs at most this times the eager computation at the test dtype (both against float64).
 FACTOR = {torch.float32: 10.0, **LOWP_FACTOR}
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -387,6 +393,7 @@ def _verify_decode(inp, got):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(SCORE_CASES))
 def test_scores_kernel(interpreted, cid):
     args, got = _got(interpreted["scores"][cid])
@@ -414,6 +421,7 @@ def test_score_cases_cover_the_layouts():
     assert not inputs["q"].is_contiguous()
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(DECODE_CASES))
 def test_decode_kernel(interpreted, cid):
     inp, got = _got(interpreted["decode"][cid])
@@ -424,6 +432,7 @@ def test_decode_kernel(interpreted, cid):
         assert dead.any() and not dead.all()
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(POLICY_CASES))
 def test_decode_matches_specache_policy(interpreted, cid):
     # The op's inputs built from the policy's own device tier and the rows it fetched give the policy's output.
@@ -440,12 +449,18 @@ def test_decode_matches_specache_policy(interpreted, cid):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_cpu_ops_are_the_references_and_compile():
+def test_cpu_ops_are_the_references():
     args = _score_inputs(1, 2, 4, 2, 64, 64, 32, 2, torch.bfloat16, 1)
     assert torch.equal(torch.ops.specache.lowbit_scores(*args), ref.lowbit_scores(*args))
     inp, _ = DECODE_CASES["b2-d128-hkv4-rep4-sq2-n3g-f17-bf16-biasheads-lo5"]()
     want = ao.lowbit_decode_attention_reference(**inp)
     assert torch.equal(torch.ops.specache.lowbit_decode_attention(*inp.values()), want)
+
+
+@pytest.mark.slow  # Inductor's C++ codegen on CPU: ~16 s warm on 2 cores, ~30 s with a cold cache
+def test_cpu_op_compiles_with_inductor():
+    inp, _ = DECODE_CASES["b2-d128-hkv4-rep4-sq2-n3g-f17-bf16-biasheads-lo5"]()
+    want = ao.lowbit_decode_attention_reference(**inp)
 
     def fn(*xs):
         return torch.ops.specache.lowbit_decode_attention(*xs) * 2

@@ -33,6 +33,12 @@ from specache_compile.runtime.store import Site  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run on the lent GPU)")
+# -n 2 --dist loadgroup (README): every test of this module on one worker, so the interpreted run (a module
+# fixture, in a child process) happens once rather than once per worker
+pytestmark = pytest.mark.xdist_group("interpreted_kvcomp")
+# slow: the `interpreted` fixture runs every case's kernels under Triton's interpreter in a child process
+# (~11 s on 2 cores before the first of its tests); `-m slow` (CI) runs them, the GPU session runs the kernels
+slow_interpreted = pytest.mark.slow
 FACTOR = {torch.float32: 10.0, **LOWP_FACTOR}
 FP32_FLOOR = 1e-6  # ours vs the float64 oracle when eager is exact to the last fp32 bit (different summation order)
 
@@ -292,7 +298,11 @@ def interpreted(tmp_path_factory):
                            ("scores", "pv", "rows", "store", "policy"), shards=1, timeout=600)
 
 
+REFERENCE_ONLY = object()  # the `got` of a check of the reference op alone (no kernel ran)
+
+
 def _scores_three_way(args, k64, got):
+    """The reference op against the float64 oracle, then (unless ``got`` is REFERENCE_ONLY) the kernel's output."""
     q = args[0]
     b, hq, sq, d = q.shape
     hkv = k64.shape[1]
@@ -305,13 +315,16 @@ def _scores_three_way(args, k64, got):
     e_eager = norm_err(eager, oracle)
     bound = FACTOR[q.dtype] * e_eager + FP32_FLOOR
     assert norm_err(ref_op, oracle) <= bound, (norm_err(ref_op, oracle), e_eager)
-    if got is not None:
+    if got is not REFERENCE_ONLY:
+        # a kernel that returned nothing (or something else) fails here rather than skipping the check
+        assert isinstance(got, torch.Tensor), f"the kernel returned {got!r}"
         assert got.shape == oracle.shape and got.dtype == torch.float32
         assert norm_err(got, oracle) <= bound, (norm_err(got, oracle), e_eager)
         assert norm_err(got, ref_op) <= bound
 
 
 def _pv_three_way(args, v64, dtype, got):
+    """As _scores_three_way, for P @ V."""
     p = args[0]
     b, hq, sq, n = p.shape
     hkv = v64.shape[1]
@@ -322,23 +335,27 @@ def _pv_three_way(args, v64, dtype, got):
     e_eager = norm_err(eager, oracle)
     bound = FACTOR[dtype] * e_eager + FP32_FLOOR
     assert norm_err(ref_op, oracle) <= bound, (norm_err(ref_op, oracle), e_eager)
-    if got is not None:
+    if got is not REFERENCE_ONLY:
+        assert isinstance(got, torch.Tensor), f"the kernel returned {got!r}"
         assert got.shape == oracle.shape
         assert norm_err(got, oracle) <= bound, (norm_err(got, oracle), e_eager)
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(SCORE_CASES))
 def test_scores_kernel_interpreted(interpreted, cid):
     args, k64 = _keys_case(*SCORE_CASES[cid])
     _scores_three_way(args, k64, interpreted["scores"][cid])
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(PV_CASES))
 def test_pv_kernel_interpreted(interpreted, cid):
     args, v64, dtype = _values_case(*PV_CASES[cid])
     _pv_three_way(args, v64, dtype, interpreted["pv"][cid])
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(ROW_CASES))
 def test_gather_rows_kernel_interpreted(interpreted, cid):
     p, idx = _rows_case(*ROW_CASES[cid])
@@ -351,6 +368,7 @@ def test_gather_rows_kernel_interpreted(interpreted, cid):
     assert ((got.float() - want.float()).abs() <= tol * want.float().abs() + 1e-6).all()
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(STORE_CASES))
 def test_host_store_fetch_kernels_interpreted(interpreted, cid):
     # the staging kernel (each row's words copied from the store's buffers) then the row decoder, against the
@@ -368,6 +386,7 @@ def test_host_store_fetch_kernels_interpreted(interpreted, cid):
     assert (got[:, :, -1] == 0).all()  # idx -1: a zero row
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(POLICY_CASES))
 def test_policy_decode_kernels_match_reference(interpreted, cid):
     b, hkv, rep, d, n, steps, opts = POLICY_CASES[cid]
@@ -375,6 +394,7 @@ def test_policy_decode_kernels_match_reference(interpreted, cid):
     want = _policy_run(pol, site, k, v, qs, n)
     assert site.tier["nk"] > 0 and site.tier["nv"] > 0  # both compressed parts and both recent buffers in play
     assert site.tier["k_rec"].length > 0 and site.tier["v_rec"].length > 0
+    assert len(interpreted["policy"][cid]) == len(want) == steps  # zip below would pass over an empty list
     for got, w in zip(interpreted["policy"][cid], want):
         assert norm_err(got, w) <= 1e-5
     assert compression_stats(site)["compression_ratio"] > 1.0
@@ -389,9 +409,9 @@ def test_policy_decode_kernels_match_reference(interpreted, cid):
 @pytest.mark.parametrize("d", [64, 128])
 def test_reference_ops_gqa_and_head_dims(rep, d):
     args, k64 = _keys_case(2, 2, rep, 1, d, 128, 64, "bf16", 50 + rep + d)
-    _scores_three_way(args, k64, None)
+    _scores_three_way(args, k64, REFERENCE_ONLY)
     args, v64, dtype = _values_case(2, 2, rep, 1, d, 2, 64, "bf16", 60 + rep + d)
-    _pv_three_way(args, v64, dtype, None)
+    _pv_three_way(args, v64, dtype, REFERENCE_ONLY)
 
 
 def test_ops_trace_with_fakes():

@@ -28,6 +28,12 @@ from specache_compile.kernels import reference as ref  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (run on the lent GPU)")
+# -n 2 --dist loadgroup (README): every test of this module on one worker, so the interpreted run (a module
+# fixture, in a child process) happens once rather than once per worker
+pytestmark = pytest.mark.xdist_group("interpreted_quant")
+# slow: the `interpreted` fixture runs every case's kernels under Triton's interpreter in a child process
+# (~16 s on 2 cores before the first of its tests); `-m slow` (CI) runs them, the GPU session runs the kernels
+slow_interpreted = pytest.mark.slow
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -206,6 +212,7 @@ def interpreted(tmp_path_factory):
                            ("quant", "gather", "scatter", "group_static"))
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(GROUP_STATIC_CASES))
 def test_group_quantize_with_device_offsets_equals_the_ops(interpreted, cid):
     """The row-offset kernels (quantize_*_at_kernel: the ring's group read at a device row, the copy written at device
@@ -248,6 +255,7 @@ def _gather_want(src, idx):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(QUANT_CASES))
 def test_quantize_matches_reference(interpreted, cid):
     what, bits, group, _ = QUANT_CASES[cid]
@@ -256,6 +264,7 @@ def test_quantize_matches_reference(interpreted, cid):
     _assert_same(got, want)
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(_gather_cases()))
 def test_gather_matches_indexing(interpreted, cid):
     src, idx, out, buf = interpreted["gather"][cid]
@@ -269,6 +278,7 @@ def test_gather_matches_indexing(interpreted, cid):
         assert torch.equal(buf[:, :, idx.shape[2] :], torch.zeros_like(buf[:, :, idx.shape[2] :]))
 
 
+@slow_interpreted
 @pytest.mark.parametrize("dt", ["torch.bfloat16", "torch.float32"])
 def test_scatter_writes_the_rows_at_the_positions(interpreted, dt):
     src, idx, dst = interpreted["scatter"][dt]
@@ -313,10 +323,15 @@ def test_quantize_errors_match_reference():
         qo._quantize_values_triton(k.to(torch.int32), 2, 16)
 
 
-def test_ops_on_cpu_are_the_reference_and_compile():
+def test_ops_on_cpu_are_the_reference():
     k = _keys(1, 2, 64, 64, torch.bfloat16, seed=3)
     _assert_same(torch.ops.specache.quantize_keys(k, 2, 32), ref.quantize_keys(k, 2, 32))
     _assert_same(torch.ops.specache.quantize_values(k, 1, 32), ref.quantize_values(k, 1, 32))
+
+
+@pytest.mark.slow  # Inductor's C++ codegen on CPU: ~6 s with a cold cache on 2 cores
+def test_ops_on_cpu_compile_with_inductor():
+    k = _keys(1, 2, 64, 64, torch.bfloat16, seed=3)
 
     def fn(x):
         return (*torch.ops.specache.quantize_keys(x, 4, 32), *torch.ops.specache.quantize_values(x, 4, 32))

@@ -15,6 +15,13 @@ from interpreted import run_interpreted  # noqa: E402
 
 from specache_compile.kernels import attn_ops as ao  # noqa: E402
 
+# -n 2 --dist loadgroup (README): every test of this module on one worker, so the interpreted run (a module
+# fixture, in a child process) happens once rather than once per worker
+pytestmark = pytest.mark.xdist_group("interpreted_select")
+# slow: the `interpreted` fixture runs every case's kernels under Triton's interpreter in a child process
+# (~10 s on 2 cores before the first of its tests); `-m slow` (CI) runs them, the GPU session runs the kernels
+slow_interpreted = pytest.mark.slow
+
 # id -> (B, Hq, rep, S, E, k): GQA groups 1/2/4, columns not a multiple of the block, masked columns, no extra
 # columns, k equal to the block
 CASES = {
@@ -59,6 +66,7 @@ def _same_sets(got, want):
         assert sorted(row_g) == sorted(row_w)
 
 
+@slow_interpreted
 @pytest.mark.parametrize("cid", list(CASES))
 def test_select_topk_kernels_equal_the_reference(interpreted, cid):
     got = interpreted["select"][cid]

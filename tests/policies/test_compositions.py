@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -14,8 +15,6 @@ import hf_models  # noqa: E402
 
 import specache  # noqa: E402
 
-TINY = Path(__file__).resolve().parents[2] / "models" / "specache-tiny"
-
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
@@ -24,10 +23,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_cake_budgets_give_layers_different_topk_summing_to_the_total():
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+@pytest.mark.slow  # the trained model over a 600-token prompt: ~10 s on 2 cores (the exact case below stays fast)
+def test_cake_budgets_give_layers_different_topk_summing_to_the_total(tiny_model):
+    model = copy.deepcopy(tiny_model)  # tests/conftest.py: the trained model, loaded once per process
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 2000, (1, 600), generator=g)
     specache.compile(model, topk=32, policy_options={"layer_budgets": "cake"})
@@ -56,6 +54,7 @@ def test_composition_options_are_checked():
         specache.compile(hf_models.build("llama"), policy_options={"layer_budgets": "cake", "tau1": -1})
 
 
+@pytest.mark.slow  # a 300-token batch of 2 at head dim 64, coded and decoded by the reference codec: ~9 s on 2 cores
 def test_kvcomp_host_codec_shrinks_the_host_copy_within_its_error_bound():
     base = hf_models.build("llama", layers=2, heads=8, kv_heads=2, head_dim=64)
     ids = torch.randint(2, hf_models.VOCAB, (2, 300))

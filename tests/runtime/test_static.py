@@ -43,7 +43,9 @@ def test_static_generate_equals_greedy_when_topk_covers_the_context(speculative)
         assert (st["prefetch_issued"], st["prefetch_consumed"]) == (12, 11)
 
 
-@pytest.mark.parametrize("speculative, extra", [(True, {}), (False, {}), (True, {"layer_budgets": "cake"})])
+# two compiles and 40 float64 steps per case (~5-7 s on 2 cores): the default case stays in the fast set
+@pytest.mark.parametrize("speculative, extra", [(True, {}), pytest.param(False, {}, marks=pytest.mark.slow),
+                                                pytest.param(True, {"layer_budgets": "cake"}, marks=pytest.mark.slow)])
 def test_static_path_equals_the_dynamic_path(speculative, extra):
     """Same policy, same choices: the static path's top-k, ring and substitution reproduce the default path's
     tokens (float64 model, a top-k far below the context, groups quantized during the decode), with CAKE's
@@ -150,6 +152,7 @@ def test_static_needs_an_index_mode_cache():
         specache.generate(m, ids, 4, past_key_values=DynamicCache())
 
 
+@pytest.mark.slow  # two compiles and generates to compare: ~5 s on 2 cores
 def test_static_generate_makes_its_static_cache():
     """Without past_key_values a static-path model decodes into a StaticCache of prompt + new tokens + 2 positions,
     and gives the tokens an explicit one gives."""
@@ -201,6 +204,7 @@ def test_cuda_graph_refuses_what_it_cannot_capture():
     assert "expected a StaticCache" in msg and "without policy_options['static']=True" in msg
 
 
+@pytest.mark.slow  # two compiles of a 3-layer model, 30 steps under a dispatch mode: ~8 s on 2 cores
 def test_layers_share_the_step_values_and_nothing_changes():
     """The positions, masks and bias every layer of a step would compute alike are computed by the first layer and
     reused (StepShared): later layers dispatch fewer ops, and the tokens, the copy and the ring are those of a run
@@ -261,6 +265,7 @@ def test_hf_generate_with_a_static_cache_takes_the_static_path():
 
 
 
+@pytest.mark.slow  # two compiles, float64, exact attention beside every step: ~5 s on 2 cores
 def test_static_path_measures_the_same_attention_error():
     """measure_error=True on the static path: per layer, the relative error against exact attention over the stored
     tokens equals the default path's (same choices; the low-bit products run in fp32 over columns in another order, so

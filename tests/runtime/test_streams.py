@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hf_models
 import pytest
 import torch
@@ -94,6 +92,7 @@ def test_generate_speculative_prefetches_every_step_and_reports_hits():
         assert st["fetched_rows"] == 10 * 2 * 2 * 8  # only prefetches: no on-demand fetch in speculative mode
 
 
+@pytest.mark.slow  # two compiles and a chunked prefill of a batch of 200-token prompts: ~10 s on 2 cores
 def test_generate_chunked_prefill_equals_one_call():
     base = hf_models.build("llama", layers=2)
     ids, mask = _prompt(s=200)
@@ -144,16 +143,14 @@ def test_speculative_step_refused_for_a_policy_without_it():
             pass
 
 
-def test_miss_rule_fetch_brings_what_the_prefetch_missed():
+@pytest.mark.slow  # the trained model, a 500-token prompt, compiled twice: ~15 s on 2 cores
+def test_miss_rule_fetch_brings_what_the_prefetch_missed(tiny_model):
     """On the trained model the speculative row predicts part of the real top-k; miss_rule='fetch' adds the rest on
     demand, so the real rows attend over a superset of their own top-k: less attention error than the paper's
     low-bit rule, and on-demand fetches appear in the accounting."""
     import copy
 
-    from transformers import AutoModelForCausalLM
-
-    tiny = Path(__file__).resolve().parents[2] / "models" / "specache-tiny"
-    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    base = tiny_model  # tests/conftest.py: loaded once per process; compiled below only as deep copies
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, 2000, (1, 500), generator=g)
     errs, rows = {}, {}
@@ -180,7 +177,8 @@ def test_generate_suppress_tokens_never_emits_them():
     assert not any(t in banned for t in out.flatten().tolist())
 
 
-@pytest.mark.parametrize("speculative", [True, False])
+# three compiles per case (~12 s on 2 cores): the speculative one (the harness's) stays in the fast set
+@pytest.mark.parametrize("speculative", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_generate_forced_tokens_predicts_each_next_token_of_the_forced_history(speculative):
     """Teacher forcing: step i feeds forced[:, i] and returns the model's prediction of the token after it. With top-k
     covering the context the predictions are the unmodified model's on the same history; fed its own free-running
