@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "reliability.jsonl"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     n_ctx = args.steps + 64
     refs = [build("llama", seed=s, max_position_embeddings=n_ctx + 16).to(dev) for s in (0, 1)]
     models = [specache.compile(twin(r), policy=args.policy, max_seq_len=n_ctx, topk=32, window=16, group_size=16)
@@ -79,7 +80,7 @@ def main() -> None:
         "device_slope_bytes_per_step": round(slope(xs[warm:], dev_mem[warm:]), 1),
         "store_slope_bytes_per_step": round(slope(xs[warm:], store[warm:]), 1),
         "rss_start": mem[warm], "rss_end": mem[-1],
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git": sha,  # at the start: the code that ran
         "torch": torch.__version__, "repro": shlex.join(sys.argv),
     }
     print(json.dumps(row))

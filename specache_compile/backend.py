@@ -54,7 +54,7 @@ def specache_backend(
         x = real.get(node)
         if not isinstance(x, torch.nn.Parameter):
             return None
-        return runtime.param_names.get(id(x)) or f"param@{id(x):x}"
+        return runtime.param_names.get(id(x)) or "attention"  # torch.compile path: no names (Runtime.owner_site)
 
     reports = rewrite(gm, runtime.handle, param_name)
     for r in reports:

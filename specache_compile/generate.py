@@ -46,6 +46,13 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword the model's forward takes its cache by: ``cache`` in transformers releases that renamed it,
+    ``past_key_values`` before (both are supported; the old name warns where the new one exists)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -53,6 +60,7 @@ def generate(
     max_new_tokens: int,
     *,
     attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
     past_key_values: Any = None,
     speculative: bool | None = None,
     prefill_chunk: int | None = None,
@@ -66,7 +74,8 @@ def generate(
 
     speculative: None = the model's Config.speculative (when its policy supports it). prefill_chunk: prefill this many
     tokens per call (bounds activation memory at long contexts; policies that keep no full KV prefill in one call).
-    past_key_values: a transformers cache to fill (default: a new DynamicCache; a StaticCache of prompt + new tokens
+    cache (or its older name past_key_values, which transformers is renaming): a transformers cache to fill
+    (default: a new DynamicCache; a StaticCache of prompt + new tokens
     + 2 positions for a model compiled with ``policy_options={"static": True}``). on_step(i): called after each step
     (the benchmarks time steps with it). suppress_tokens: never generate these (pass the EOS ids to match
     ``model.generate(..., min_new_tokens=n)``, which masks EOS until n tokens exist).
@@ -104,6 +113,11 @@ def generate(
         # the token the next step feeds as new token i: the model's own, or the forced one
         return pred if forced_tokens is None else forced_tokens[:, i : i + 1]
 
+    if cache is not None and past_key_values is not None:
+        raise ValueError("specache.generate: expected one of cache= and past_key_values= (two names of one argument), "
+                         "got both; fix: pass cache= only")
+    past_key_values = cache if cache is not None else past_key_values
+    cache_kw = cache_keyword(model)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     if past_key_values is None and _static_policy(model):
         # the static path decodes into a StaticCache only (fixed shapes): one with room for this call's tokens
@@ -121,7 +135,7 @@ def generate(
         n = ids.shape[1]
         pos = _positions(m)[:, -n:]
         before = runtime.calls if runtime is not None else 0
-        out = model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids, attention_mask=m, position_ids=pos, **{cache_kw: cache}, use_cache=True,
                     cache_position=torch.arange(start, start + n, device=dev), **kwargs)
         if runtime is not None and runtime.calls == before:
             if not runtime.sites:
@@ -298,11 +312,12 @@ def _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, n_ste
     outs = torch.empty((b, n_steps), dtype=torch.long, device=dev)
     col = torch.zeros(1, dtype=torch.long, device=dev)
     sup: list = []  # the suppression row, made at the first (eager) step from the logits' width
+    cache_kw = cache_keyword(model)
 
     def step():
         before = runtime.calls
         with runtime.stepping(SPECULATIVE):
-            out = model(input_ids=ids, attention_mask=full_mask, position_ids=pos_ids, past_key_values=cache,
+            out = model(input_ids=ids, attention_mask=full_mask, position_ids=pos_ids, **{cache_kw: cache},
                         use_cache=True, cache_position=cache_pos, **kwargs)
         if runtime.calls == before:
             raise RuntimeError("specache.generate: the model ran without specache's compiled graph (see the "

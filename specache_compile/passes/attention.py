@@ -406,18 +406,13 @@ def rewrite(gm: fx.GraphModule, handle: int, param_name=None) -> list[SiteReport
     reports: list[SiteReport] = []
     seen: dict[str, int] = {}
     for node, kind, match in find(graph):
-        name = site_name(node, param_name)
-        unnamed = not name
-        name = name or "attention"
+        name = site_name(node, param_name) or "attention"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}#{seen[name] - 1}"
         try:
             if isinstance(match, Skip):
                 raise match
-            if unnamed:
-                raise Skip("traced without its module (a graph break in the attention's forward) and fed by no "
-                           "parameter that names it: every such attention would share one store")
             ks, vs = resolve(match.k, match.node, order), resolve(match.v, match.node, order)
             check_pair(ks, vs)
             _check_shapes(match, ks)

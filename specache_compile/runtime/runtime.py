@@ -166,7 +166,8 @@ class Runtime:
                 site = self._reset(site_name, site, k_new, v_new)
             else:
                 self.follow_cache(site, cache, past, mode)
-            if past > site.length or (mode == APPEND and past != site.length):
+            # (no cache tensor: a direct caller that lays out its own window, as the policies' tests do)
+            if past > site.length or (mode == APPEND and cache is not None and past != site.length):
                 raise CacheMismatch(
                     f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
                     "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
@@ -348,7 +349,12 @@ class Runtime:
                 self._ptr_names = {p.data_ptr(): n for p, n in self._named_params() if p is not None}
             full = self._ptr_names.get(ptr)
             parts = full.split(".") if full else []
-            name = ".".join(parts[:-2]) if len(parts) > 2 else (full or f"attention@{ptr:x}")
+            if len(parts) > 2:
+                name = ".".join(parts[:-2])
+            elif traced not in self._owner_names.values():
+                name = traced  # no names (torch.compile path): the first owner is the one the graph was traced with
+            else:
+                name = f"{traced}@{ptr:x}"
             self._owner_names[ptr] = name
         if name != traced and traced in self.graph_stats and name not in self.graph_stats:
             self.graph_stats[name] = list(self.graph_stats[traced])
@@ -366,8 +372,9 @@ class Runtime:
         (copy.deepcopy copies the whole storage) and a gather of rows (beam search's reorder_cache materialises the
         row ids it picked)."""
         site = self.sites[site_name]
-        if site.master is None or site.master.shape[0] != site.batch + 1 + self._serial % 61:
-            buf = torch.zeros(site.batch + 1 + self._serial % 61, dtype=site.dtype, device=site.device)
+        size = site.batch + 1 + site.serial % 61
+        if site.master is None or site.master.shape[0] != size:
+            buf = torch.zeros(size, dtype=site.dtype, device=site.device)
             buf[: site.batch].copy_(torch.arange(site.batch))
             site.master = buf
         site.token = site.master.clone()[: site.batch].view(site.batch, 1, 1, 1)
@@ -416,7 +423,7 @@ class Runtime:
                         self.rewrite_history(site, past, None, f"continued from a copy at {past} tokens")
                     return
                 what = f"continued from a copy of {past} tokens while the store was cut below that since"
-            elif past == site.length and cache.dim() == 4:
+            elif past == site.length and cache.dim() == 4 and any(st != 0 for st in cache.stride()[1:]):
                 # NOTE: reads the row ids to the host (a sync): only after beam search's reorder, never on a plain step
                 ids = cache[:, 0, 0, 0].float().cpu()
                 rows = ids.round().long()
@@ -551,6 +558,7 @@ class Runtime:
             self.sites[name] = site
         site.truncate(0)
         self._serial += 1
+        site.serial = self._serial
         self._retire(site, 0)  # caches of the last sequence share nothing with this one
         site.master = None
         site.low_water = 1 << 62

@@ -55,6 +55,7 @@ class Site:
     # store was cut back to this sequence (what an unrecognised copy of a placeholder may rely on), and the buffer an
     # index-mode cache writes into.
     token: torch.Tensor | None = None
+    serial: int = 0  # the sequence this site's store holds (Runtime._serial when it began)
     master: torch.Tensor | None = None  # what each token is cloned from: row ids, and a size carrying the serial
     retired: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     low_water: int = 1 << 62

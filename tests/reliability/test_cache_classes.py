@@ -10,6 +10,7 @@ from hf_models import build, twin
 from transformers import StaticCache
 
 import specache
+from specache_compile.generate import cache_keyword
 from specache_compile.runtime import CacheMismatch
 
 D, H = 32, 2
@@ -137,14 +138,14 @@ def test_static_cache_rewound_positions_follow():
     outs = []
     for model in (ref, m):
         cache = StaticCache(config=model.config, max_cache_len=64)
-        logits = [model(input_ids=ids, past_key_values=cache).logits[:, -1]]
+        logits = [model(input_ids=ids, **{cache_keyword(model): cache}).logits[:, -1]]
         tok = logits[0].argmax(-1, keepdim=True)
         for step in range(6):
             if step == 3:
                 cache.crop(-2)  # rewind two positions and decode them again with other tokens
                 tok = (tok + 5) % 128
             pos = torch.tensor([cache.get_seq_length()])
-            logits.append(model(input_ids=tok, past_key_values=cache, cache_position=pos).logits[:, -1])
+            logits.append(model(input_ids=tok, **{cache_keyword(model): cache}, cache_position=pos).logits[:, -1])
             tok = logits[-1].argmax(-1, keepdim=True)
         outs.append(torch.stack(logits))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ import torch
 from hf_models import build, twin
 
 import specache
+from specache_compile.generate import cache_keyword
 from specache_compile.runtime import buffers
 
 ARGS = dict(policy="specache", topk=4096, window=4, group_size=16)
@@ -67,19 +68,19 @@ def test_keyboard_interrupt_inside_a_step(models, monkeypatch):
 
     for model in (ref, m):
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids(), past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids(), **{cache_keyword(model): cache}, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **{cache_keyword(model): cache}, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         if model is m:
             seen["n"] = 4
             monkeypatch.setattr(runtime, "attend", interrupt)
             with pytest.raises(KeyboardInterrupt):
-                model(input_ids=tok, past_key_values=cache, use_cache=True)
+                model(input_ids=tok, **{cache_keyword(model): cache}, use_cache=True)
             monkeypatch.setattr(runtime, "attend", real)
-            got = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+            got = model(input_ids=tok, **{cache_keyword(model): cache}, use_cache=True).logits
         else:
-            want = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+            want = model(input_ids=tok, **{cache_keyword(model): cache}, use_cache=True).logits
     torch.testing.assert_close(got, want)
     specache.reset(m)
     assert torch.equal(m.generate(ids(seed=3), max_new_tokens=6), ref.generate(ids(seed=3), max_new_tokens=6))

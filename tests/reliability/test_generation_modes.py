@@ -15,6 +15,7 @@ from hf_models import build, twin
 from transformers import DynamicCache
 
 import specache
+from specache_compile.generate import cache_keyword
 from specache_compile.runtime import CacheMismatch
 
 POLICIES = {
@@ -100,8 +101,13 @@ def test_continue_from_returned_cache_and_repeated_calls(pair, policy):
     a, b = ref.generate(ids, **kw), m.generate(ids, **kw)
     same(a.sequences, b.sequences)
     more = torch.cat([a.sequences, prompt(3, seed=10)], dim=1)
-    same(ref.generate(more, past_key_values=a.past_key_values, max_new_tokens=5),
-         m.generate(more, past_key_values=b.past_key_values, max_new_tokens=5))
+    kw = cache_keyword(ref)  # transformers is renaming past_key_values to cache: both work
+
+    def returned(o):
+        return getattr(o, "cache", None) or o.past_key_values
+
+    same(ref.generate(more, **{kw: returned(a)}, max_new_tokens=5), m.generate(more, **{kw: returned(b)},
+                                                                                max_new_tokens=5))
 
 
 @torch.no_grad()
@@ -124,7 +130,7 @@ def test_static_cache_implementation(pair):
 
 
 def _step(model, tok, cache):
-    return model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return model(input_ids=tok, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1:].argmax(-1)
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -137,7 +143,7 @@ def test_prefix_reuse_through_a_copied_cache(pair, policy):
     outs = []
     for model in (ref, m):
         cache = DynamicCache(config=model.config)
-        first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1:].argmax(-1)
         fork = copy.deepcopy(cache)
         branch = []
         for c, tok in ((cache, first), (fork, (first + 1) % 128)):
@@ -147,7 +153,7 @@ def test_prefix_reuse_through_a_copied_cache(pair, policy):
         outs.append(torch.cat(branch, 1))
     same(*outs)
     cache = DynamicCache(config=m.config)
-    tok = m(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    tok = m(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1:].argmax(-1)
     fork = copy.deepcopy(cache)
     _step(m, tok, cache)
     _step(m, tok, fork)  # the store follows the fork back to the prefix...
@@ -161,3 +167,28 @@ def test_cache_reorder_refused_by_a_policy_without_full_kv():
     m = specache.compile(twin(ref), policy="quant", group_size=16, window=4)
     with pytest.raises(CacheMismatch, match="keeps no full-precision copy"):
         m.generate(prompt(20, seed=14), max_new_tokens=6, num_beams=2, do_sample=False)
+
+
+@torch.no_grad()
+def test_specache_generate_takes_either_cache_keyword(pair):
+    from transformers import DynamicCache
+
+    ref, m = pair("full")
+    ids = prompt(12, seed=15)
+    want = ref.generate(ids, max_new_tokens=4, do_sample=False)[:, 12:]
+    same(specache.generate(m, ids, 4, cache=DynamicCache(config=m.config)), want)
+    same(specache.generate(m, ids, 4, past_key_values=DynamicCache(config=m.config)), want)
+    with pytest.raises(ValueError, match="got both"):
+        specache.generate(m, ids, 4, cache=DynamicCache(), past_key_values=DynamicCache())
+
+
+@torch.no_grad()
+def test_copy_from_an_earlier_sequence_is_refused(pair):
+    _, m = pair("full")
+    kw = cache_keyword(m)
+    cache = DynamicCache(config=m.config)
+    tok = m(input_ids=prompt(20, seed=16), **{kw: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+    old = copy.deepcopy(cache)
+    m(input_ids=prompt(20, seed=17), **{kw: DynamicCache(config=m.config)}, use_cache=True)  # a new sequence
+    with pytest.raises(CacheMismatch, match="did not produce last"):
+        _step(m, tok, old)
