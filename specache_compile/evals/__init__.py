@@ -1,5 +1,7 @@
-"""Evaluation tasks for long-context retrieval (needle, passkey, associative recall) and the text they draw on."""
+"""Evaluation tasks for long-context retrieval (needle, passkey, associative recall), the RULER-style suite
+(:mod:`specache_compile.evals.ruler`), and the text they draw on."""
 
+from specache_compile.evals.ruler import RULER, RulerTask
 from specache_compile.evals.tasks import (
     TASKS,
     CorpusFiller,
@@ -15,10 +17,12 @@ from specache_compile.evals.tasks import (
 )
 
 __all__ = [
+    "RULER",
     "TASKS",
     "CorpusFiller",
     "Encoder",
     "RepeatFiller",
+    "RulerTask",
     "Task",
     "build_corpus",
     "kv_recall",
