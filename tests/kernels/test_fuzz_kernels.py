@@ -20,6 +20,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from interpreted import run_interpreted  # noqa: E402
+from numerics import norm_err  # noqa: E402
 from test_triton_attn import (  # noqa: E402
     DT,
     _assert_house_rule,
@@ -105,10 +106,15 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
     torch.save(results, path)
 
 
-def _check_scores(args, got):
+def _check_scores(args, got, ulp_floor: float = 0.0):
+    """``ulp_floor``: relative error (norm_err) always allowed. On the GPU the float32 kernel sums in another order
+    than the CPU's eager matmul; at a few dozen products eager errs below one ulp (7e-8 was seen), so 10x eager would
+    ask for fewer than 10 ulps."""
     q = args[0]
     assert got.dtype == torch.float32 and got.shape == (*q.shape[:3], args[1].shape[2])
     oracle = _scores_oracle(*args)
+    if ulp_floor and norm_err(got, oracle) <= ulp_floor:
+        return
     _assert_house_rule(got, _scores_eager(*args), oracle, q.dtype, "kernel")
     _assert_house_rule(ref.lowbit_scores(*args), _scores_eager(*args), oracle, q.dtype, "reference")
 
@@ -139,7 +145,7 @@ def test_fuzzed_shapes_on_the_gpu():
     def run(s, sd, n_fp, bias, lo_frac):
         args = _score_case(s)
         got = ao._lowbit_scores_triton(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args]).cpu()
-        _check_scores(args, got)
+        _check_scores(args, got, ulp_floor=32 * torch.finfo(torch.float32).eps)
         inputs = _decode_case(sd, n_fp, bias, lo_frac)
         cuda = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         _verify_decode(inputs, ao._lowbit_decode_attention_triton(**cuda).cpu())
