@@ -51,6 +51,17 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     if gen is not None and hasattr(gen, "disable_compile"):
         gen.disable_compile = True
     model.compile(backend=functools.partial(specache_backend, runtime=runtime), dynamic=None)
+    gen = getattr(model, "generate", None)
+    if callable(gen):
+        @functools.wraps(gen)
+        def generate(*args, **kwargs):
+            out = gen(*args, **kwargs)
+            # index-mode decode steps check their write positions on the device (no sync a step): raise before the
+            # tokens they produced are returned
+            runtime.check_deferred()
+            return out
+
+        model.generate = generate  # this instance only: transformers' class is not patched
     return model
 
 

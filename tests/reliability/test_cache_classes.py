@@ -4,6 +4,7 @@ another, masks broadcast along the keys, scores concatenated with extra logits, 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import build, twin
@@ -159,3 +160,19 @@ def test_huge_topk_allocates_slots_for_the_context_only():
     dev = specache.memory(m)["device"]
     # two slots of 10**6 rows x 2 KV heads x 16 dims x (K + V) x fp32 per layer would be 1 GB: bounded by the context
     assert dev < 3 * 2 * 2 * 2 * 2 * 1024 * 16 * 4 * 2, dev
+
+
+@torch.no_grad()
+def test_generate_raises_a_deferred_position_error_before_returning(monkeypatch):
+    """On CUDA, decode steps of an index-mode cache check their positions on the device; model.generate raises what
+    they found before it returns the tokens (here the device check is forced to fail)."""
+    m = specache.compile(build("llama", seed=0), policy="full")
+    runtime = m._specache_runtime  # specache.runtime_of needs a first call
+
+    def always_bad(site_name, write_pos, start, n):
+        runtime._pos_bad, runtime._pos_site = torch.tensor(True), (site_name, start)
+
+    monkeypatch.setattr(runtime, "_defer_position_check", always_bad)
+    ids = torch.randint(2, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CacheMismatch, match="other positions than the next one"):
+        m.generate(ids, max_new_tokens=4, cache_implementation="static")
