@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any
 
 import torch
@@ -51,18 +52,18 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     if gen is not None and hasattr(gen, "disable_compile"):
         gen.disable_compile = True
     model.compile(backend=functools.partial(specache_backend, runtime=runtime), dynamic=None)
-    gen = getattr(model, "generate", None)
-    if callable(gen):
-        @functools.wraps(gen)
-        def generate(*args, **kwargs):
-            out = gen(*args, **kwargs)
-            # index-mode decode steps check their write positions on the device (no sync a step): raise before the
-            # tokens they produced are returned
-            runtime.check_deferred()
-            return out
-
-        model.generate = generate  # this instance only: transformers' class is not patched
+    if callable(getattr(type(model), "generate", None)):
+        # this instance only (transformers' class is not patched); a bound method, so a copy of the model binds its own
+        model.generate = types.MethodType(_generate_checked, model)
     return model
+
+
+def _generate_checked(self, *args: Any, **kwargs: Any):
+    """The model class's generate, then the deferred checks: index-mode decode steps check their write positions on
+    the device (no sync a step), and what they found is raised before the tokens they produced are returned."""
+    out = type(self).generate(self, *args, **kwargs)
+    runtime_of(self).check_deferred()
+    return out
 
 
 def runtime_of(model: torch.nn.Module) -> rt.Runtime:
