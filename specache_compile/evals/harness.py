@@ -4,6 +4,13 @@ every policy the pass supports:
 
     specache eval --quick                                  # CPU, < 2 min: asserts the full-cache model finds the needle
     specache eval --policies baseline full specache specache:bits=1 --contexts 1024 2048 4096 8192 16384
+    specache eval --model smollm2-135m --suite ruler --quick   # a real model (specache_compile.models), RULER tasks
+
+``--model`` is ``tiny`` (the shipped model, the default), a name of :mod:`specache_compile.models` (``smollm2-135m``,
+``gemma3-270m``) or a transformers model folder. ``--suite ruler`` runs the RULER-style tasks of
+:mod:`specache_compile.evals.ruler` (in the chat template of an instruction model, after BOS for Gemma) and writes
+bench/results/accuracy_real.jsonl: one row per (task, policy, context, depth), the score the mean of RULER's
+string_match_all over the trials, the KV compression measured after that row's last sequence.
 
 A policy spec is a registered policy name with optional Config overrides after a colon (``specache:bits=1,topk=32``);
 ``baseline`` is the unmodified model with its ordinary cache on the device (the full-cache reference). Each run
@@ -56,10 +63,33 @@ def parse_policy(spec: str) -> tuple[str, dict]:
 
 
 def kv_bytes_full(model, length: int, batch: int = 1) -> int:
+    """Bytes of the model's own full-precision KV cache at ``length`` tokens. A sliding-window layer (Gemma-3's
+    ``layer_types``) holds at most its window, as transformers' DynamicSlidingWindowLayer does."""
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * head_dim * length * batch * model.dtype.itemsize
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    tokens = sum(min(length, window) if k == "sliding_attention" and window else length for k in kinds)
+    return 2 * heads * head_dim * tokens * batch * model.dtype.itemsize
+
+
+def load_model(name: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer, name for the rows): ``tiny`` (the shipped model), a :mod:`specache_compile.models` name, or
+    a transformers model folder; SDPA attention, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import models
+
+    if name in models.MODELS:
+        model, tok = models.load(name, dtype=dtype, device=device)
+        return model, tok, name
+    folder = DEFAULT_MODEL if name == "tiny" else Path(name)
+    if not folder.is_dir():
+        raise ValueError(f"specache eval --model: expected 'tiny', one of {sorted(models.MODELS)} or a model folder, "
+                         f"got {name!r}; fix: python3 -m specache_compile.models list")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    return model.eval().to(device), AutoTokenizer.from_pretrained(folder), folder.name
 
 
 def prefetch_hit_rate(model) -> float | None:
@@ -235,7 +265,11 @@ def plot_results(path: Path, shas: list[str] | None, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="specache eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--model", default="tiny",
+                   help="tiny (the shipped model), smollm2-135m, gemma3-270m (specache_compile.models) or a folder")
+    p.add_argument("--suite", default="retrieval", choices=["retrieval", "ruler"],
+                   help="retrieval: needle, passkey, agreement, attention error; ruler: the RULER-style tasks")
+    p.add_argument("--tasks", nargs="+", default=None, help="with --suite ruler: the tasks to run (default: all)")
     p.add_argument("--policies", nargs="+", default=["baseline", "full", "specache"])
     p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -249,15 +283,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="inner compiler after specache's pass (eager skips Inductor's compile time)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
-    p.add_argument("--out", default=str(RESULTS / "accuracy.jsonl"))
+    p.add_argument("--out", default=None,
+                   help="rows file (default bench/results/accuracy.jsonl; accuracy_real.jsonl: real model or ruler)")
     p.add_argument("--quick", action="store_true", help="small CPU grid; fails unless the full cache finds the needle")
     p.add_argument("--plot-only", action="store_true",
                    help="no runs: every policy side by side from --out's rows (accuracy_policies.png beside it)")
     p.add_argument("--plot-sha", nargs="*", default=None, help="with --plot-only: the commits whose rows to plot")
     args = p.parse_args(argv)
+    from .. import models
+
+    real = args.model in models.MODELS
+    if args.out is None:
+        args.out = str(RESULTS / ("accuracy_real.jsonl" if real or args.suite == "ruler" else "accuracy.jsonl"))
     if args.plot_only:
         out = Path(args.out)
         return plot_results(out, args.plot_sha, out.parent / "accuracy_policies.png")
+    if args.suite == "ruler":
+        return run_ruler(args, argv or [])
     if args.quick:
         args.contexts, args.depths, args.trials, args.agree_tokens = [320, 640], [0.1, 0.5, 0.9], 2, 24
         args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
@@ -266,33 +308,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
     from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(REPO))
-    from bench.common import env_fields, write_rows
 
     from .tasks import needle, passkey
 
     console = Console()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
-    base = base.eval().to(args.device)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    defaults = {
-        k: v
-        for k, v in (("topk", args.topk), ("bits", args.bits), ("group_size", args.group_size), ("window", args.window),
-                     ("inner", args.inner))
-        if v is not None
-    }
-    env = {**env_fields(), "model": Path(args.model).name, "dtype": str(dtype).removeprefix("torch.")}
-    rows: list[dict] = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def emit(row: dict) -> None:
-        # each row is written as soon as its cell is done: a run cut short (a time limit) keeps what it measured
-        rows.append(row)
-        write_rows(out.name, [row]) if out.parent == RESULTS else _append(out, [row])
+    base, tok, defaults, env, rows, out, emit = _setup(args)
 
     def emit_whole(run: Runner, ctx: int, common: dict, task: str, score, **extra) -> None:
         # a row of a task over one context's whole sequence (no depth); kv_compression read as it is emitted
@@ -366,6 +386,114 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]quick check failed: the full-cache model found the needle in {acc:.0%} of cells")
             return 1
     return 0
+
+
+def _setup(args):
+    """What both suites start from: the model, its tokenizer, the Config defaults of the command line, the fields
+    every row carries, and a row emitter that writes each row as soon as its cell is done."""
+    sys.path.insert(0, str(REPO))
+    from bench.common import env_fields, write_rows
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    base, tok, model_name = load_model(args.model, dtype, args.device)
+    defaults = {
+        k: v
+        for k, v in (("topk", args.topk), ("bits", args.bits), ("group_size", args.group_size), ("window", args.window),
+                     ("inner", args.inner))
+        if v is not None
+    }
+    env = {**env_fields(), "model": model_name, "dtype": str(dtype).removeprefix("torch.")}
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(row: dict) -> None:
+        # a run cut short (a time limit) keeps what it measured
+        rows.append(row)
+        write_rows(out.name, [row]) if out.parent == RESULTS else _append(out, [row])
+
+    return base, tok, defaults, env, rows, out, emit
+
+
+def run_ruler(args, argv: list[str]) -> int:
+    """The RULER-style suite: every policy x context x task x depth, ``--trials`` seeds per cell."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from . import ruler
+
+    if args.quick:
+        args.contexts, args.depths, args.trials = [1024, 2048], [0.5], 1
+        args.policies = args.policies if "--policies" in argv else ["baseline", "specache"]
+    names = args.tasks or list(ruler.RULER)
+    unknown = [n for n in names if n not in ruler.RULER]
+    if unknown:
+        raise ValueError(f"specache eval --tasks: expected names of {list(ruler.RULER)}, got {unknown}")
+    console = Console()
+    base, tok, defaults, env, rows, out, emit = _setup(args)
+    template = ruler.prompt_template(tok)
+    contexts = sorted(args.contexts)
+    runners = [Runner(base, spec, args.device, defaults) for spec in args.policies]
+    cells = [(n, d) for n in names for d in ([None] if n in ruler.DEPTHLESS else args.depths)]
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("ruler", total=len(runners) * len(contexts) * len(cells))
+        for run in runners:
+            cfg = run.config
+            for ctx in contexts:  # ascending, so the device tier's capacity follows the current context
+                for name, depth in cells:
+                    scores, outputs, t_cell = [], [], time.perf_counter()
+                    for trial in range(args.trials):
+                        seed = zlib.crc32(f"ruler/{name}/{ctx}/{depth}/{trial}".encode())
+                        try:
+                            task = ruler.RULER[name](tok, ctx, 0.5 if depth is None else depth, seed,
+                                                     template=template)
+                        except ValueError as e:  # a length the task cannot be made at: say so in the row
+                            emit({"bench": "accuracy", "suite": "ruler", "task": name, "policy": run.spec,
+                                  "context": ctx, "depth": depth, "score": None, "error": str(e), **env})
+                            break
+                        gen = run.generate(task.input_ids, task.max_new_tokens)
+                        text = tok.decode(gen, skip_special_tokens=True)
+                        scores.append(task.score(text))
+                        outputs.append(text)
+                    else:
+                        emit({"bench": "accuracy", "suite": "ruler", "task": name, "policy": run.spec,
+                              "context": ctx, "depth": depth, "topk": cfg.topk if cfg else None,
+                              "bits": cfg.bits if cfg else None, "kv_compression": run.compression(ctx),
+                              "score": sum(scores) / len(scores), "trials": args.trials,
+                              "answers": list(task.answers), "output": outputs[-1][:200],
+                              "seconds": round(time.perf_counter() - t_cell, 1), **env})
+                    progress.advance(bar)
+    _ruler_summary(console, rows, runners, contexts, names)
+    console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _ruler_summary(console, rows, runners, contexts, names) -> None:
+    from rich.table import Table
+
+    table = Table(title="RULER (mean over depths and trials); kv x = full-precision KV / device KV")
+    table.add_column("task")
+    table.add_column("policy")
+    for c in contexts:
+        table.add_column(str(c), justify="right")
+    for name in [*names, "mean", "kv x"]:
+        for run in runners:
+            cells = []
+            for c in contexts:
+                mine = [r for r in rows if r["policy"] == run.spec and r["context"] == c and r["score"] is not None]
+                if name == "kv x":
+                    vals = [r["kv_compression"] for r in mine if r.get("kv_compression") is not None]
+                else:
+                    vals = [r["score"] for r in mine if name == "mean" or r["task"] == name]
+                    if name == "mean":  # the suite average: each task once (its depths averaged first)
+                        per = {}
+                        for r in mine:
+                            per.setdefault(r["task"], []).append(r["score"])
+                        vals = [sum(v) / len(v) for v in per.values()]
+                cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+            table.add_row(name, run.spec, *cells)
+    console.print(table)
 
 
 def _agreement(tokens: list[int], ref: list[int]) -> float:

@@ -268,7 +268,7 @@ def _niah(name, tok, length, depth, seed, *, template, haystack, filler, n_keys,
     hay = _filler(enc, tok, haystack, filler, set(keys))
     out, _ = _haystack(name, enc, hay, length, rng, head, facts, tail, [])
     answers = [v for k in asked for v in values[k]]
-    return _done(name, out, answers, 12 * len(answers), depth, length)
+    return _done(name, out, answers, 4 + 9 * len(answers), depth, length)  # 7 digits, a comma, a space
 
 
 def niah_single(tok, length: int, depth: float, seed, *, template=None, haystack: str = "repeat",
@@ -333,7 +333,7 @@ def variable_tracking(tok, length: int, depth: float, seed, *, template=None, n_
                             _VT_PREFIX.format(n=n_hops + 1, value=first_value))
     out, _ = _haystack("variable_tracking", enc, RepeatFiller(enc), length, rng, head, facts, tail, [])
     answers = names[: n_hops + 1]
-    return _done("variable_tracking", out, answers, 6 * len(answers) + 4, depth, length)
+    return _done("variable_tracking", out, answers, 4 * len(answers) + 4, depth, length)
 
 
 def _fit_list(name, enc, length, head, tail, lines: list[tuple[str, list[int]]]) -> _Builder:
@@ -387,7 +387,7 @@ def common_words(tok, length: int, depth: float | None = None, seed=0, *, templa
         text = f"{i + 1}. {w}\n"
         lines.append((text, enc(text)))
     out = _fit_list("common_words", enc, length, head, tail, lines)
-    return _done("common_words", out, common, 6 * n_common + 4, depth, length)
+    return _done("common_words", out, common, 5 * n_common + 4, depth, length)
 
 
 _FWE_HEAD = ("Read the following coded text and track the frequency of each coded word. Find the three most frequently "
@@ -421,7 +421,7 @@ def frequent_words(tok, length: int, depth: float | None = None, seed=0, *, temp
         lines.append((text, enc(text)))
         i += n
     out = _fit_list("frequent_words", enc, length, head, tail, lines)
-    return _done("frequent_words", out, words[:n_top], 6 * n_top + 4, depth, length)
+    return _done("frequent_words", out, words[:n_top], 4 * n_top + 4, depth, length)
 
 
 def _single(haystack: str) -> Callable[..., RulerTask]:

@@ -82,3 +82,40 @@ def test_plot_only_draws_the_commits_asked_for(tmp_path, monkeypatch):
     assert {r["policy"] for r in drawn[-1][0]} == {"specache", "quant", "full"}
     with pytest.raises(ValueError, match="expected rows of commit"):
         main(["--plot-only", "--out", str(out), "--plot-sha", "ccccccc"])
+
+
+def test_ruler_suite_rows(tmp_path):
+    """--suite ruler on the tiny model: one row per (task, policy, context, depth), the depthless tasks once, each with
+    the model, the transformers version and its measured compression; a length a task cannot be made at is a row
+    with the reason (common_words needs ~600 tokens on this tokenizer)."""
+    out = tmp_path / "accuracy_real.jsonl"
+    assert main(["--suite", "ruler", "--tasks", "niah_single_repeat", "common_words", "--contexts", "256",
+                 "--depths", "0.5", "--trials", "1", "--policies", "baseline", "quant", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["policy"], r["task"]) for r in rows] == [
+        ("baseline", "niah_single_repeat"), ("baseline", "common_words"),
+        ("quant", "niah_single_repeat"), ("quant", "common_words")]
+    assert all(r["model"] == "specache-tiny" and r["transformers"] and r["suite"] == "ruler" for r in rows)
+    needle = [r for r in rows if r["task"] == "niah_single_repeat"]
+    assert all(0 <= r["score"] <= 1 and r["answers"] and r["context"] == 256 for r in needle)
+    assert needle[0]["kv_compression"] == 1.0 and needle[1]["kv_compression"] > 1.1  # measured per row
+    words = [r for r in rows if r["task"] == "common_words"]
+    assert all(r["score"] is None and "ask for a longer length" in r["error"] for r in words)
+
+
+def test_model_names_and_sliding_window_kv_bytes():
+    from types import SimpleNamespace
+
+    import torch
+
+    from specache_compile.evals.harness import kv_bytes_full, load_model
+
+    with pytest.raises(ValueError, match="expected 'tiny', one of .*smollm2-135m.* got 'nope'"):
+        load_model("nope", torch.float32, "cpu")
+    cfg = SimpleNamespace(num_key_value_heads=1, num_attention_heads=4, head_dim=256, hidden_size=640,
+                          num_hidden_layers=3, sliding_window=512,
+                          layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    model = SimpleNamespace(config=cfg, dtype=torch.float32)
+    per_token = 2 * 256 * 4
+    assert kv_bytes_full(model, 100) == 3 * 100 * per_token
+    assert kv_bytes_full(model, 4096) == (512 + 512 + 4096) * per_token  # a sliding layer holds its window only
