@@ -423,7 +423,9 @@ def run_ruler(args, argv: list[str]) -> int:
     from . import ruler
 
     if args.quick:
-        args.contexts, args.depths, args.trials = [1024, 2048], [0.5], 1
+        # 1K and 2K unless asked for (a grid at matched budgets runs one context per command)
+        args.contexts = args.contexts if "--contexts" in argv else [1024, 2048]
+        args.depths, args.trials = [0.5], 1
         args.policies = args.policies if "--policies" in argv else ["baseline", "specache"]
     names = args.tasks or list(ruler.RULER)
     unknown = [n for n in names if n not in ruler.RULER]
