@@ -48,11 +48,11 @@ _NUM_WARPS = 4
 _NUM_STAGES = 2
 _MIN_TILES_PER_SPLIT = 4  # a split's partial output (REP*Sq*(Dv+2) fp32) stays small next to what it reads
 _PROGRAMS_PER_SM = 4
-# lowbit_scores: small programs (2 warps, about 128 registers a thread) and many of them, measured best on an H100
-# (Llama-3-8B layer, 8K-128K tokens: 2 warps beat 4 and 8 by 20-30%; 8 programs per SM beat 2 and 4)
+# lowbit_scores: small programs (2 warps, about 128 registers a thread) and many of them: the kernel is latency-bound
+# on its packed-code loads, so more resident programs hide more of it (the sweep: bench/results/kernels*.log)
 _SCORE_NUM_WARPS = 2
 _SCORE_PROGRAMS_PER_SM = 8
-_TOPK_CHUNK = 2048  # the exact CUDA top-k selects per chunk first (_topk_positions_cuda); H100, 8x128K: 2048 best
+_TOPK_CHUNK = 2048  # the exact CUDA top-k selects per chunk first (_topk_positions_cuda): enough chunks to fill the SMs
 
 
 def _interpreted() -> bool:
@@ -563,9 +563,8 @@ def _(q, k, v, bias, softmax_scale):
 
 # An explicit mask's elements per SDPA call in exact_attention (2^30: 2 GiB as a bf16 bias). SDPA's CUDA kernels
 # take a boolean mask as a bias of the query's dtype, a copy of the mask's whole shape: a one-call prefill of 128K
-# tokens (the policies that keep no full-precision KV prefill in one call) asked for a 32 GiB one on the H100 and ran
-# out of memory (bench/results/decode_3da8322/policies128.log). The chunked prefill of the decode bench (8K rows
-# against at most 128K columns, batch 1) stays within one call, as it ran there.
+# tokens (the policies that keep no full-precision KV prefill in one call) would ask for 32 GiB of it. The chunked
+# prefill of the decode bench (8K rows against at most 128K columns, batch 1) stays within one call.
 EXACT_MASK_ELEMS = 1 << 30
 
 
@@ -599,9 +598,8 @@ def exact_attention(
 # ----------------------------------------------------------------------------------------------------------------------
 
 _SELECT_BLOCK = 1024  # columns per step of the row-stats loop
-# Both passes are latency-bound at short contexts: at 8K with 8192 columns per row-stats program and 2048-position
-# top-k blocks, each pass ran 32 programs on the H100's 132 SMs (70 us for the two at 8K, 136 us at 128K:
-# bench/results/kernels_54a1f0c.log). Smaller pieces: 256 programs per pass at 8K (Llama-3-8B shape, k = 64).
+# Both passes are latency-bound at short contexts: with 8192 columns per row-stats program, a pass at 8K would run
+# 32 programs, a quarter of an H100/H200's SMs. Smaller pieces: 256 programs per pass at 8K (Llama-3-8B shape, k = 64).
 _SELECT_COLS_PER_PART = 2048  # columns per row-stats program
 _SELECT_BLOCK_N = 2048  # the largest top-k block (one bitonic sort of this many int64 keys per program)
 _SELECT_MAX_CANDIDATES = 8192  # per KV head, for the final torch.topk over the blocks' candidates

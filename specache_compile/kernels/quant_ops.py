@@ -373,8 +373,8 @@ def gather_rows(
 # apart: not contiguous as a whole once B * H > 1. torch's copy_ between CPU and CUDA needs both sides contiguous, and
 # otherwise stages the host side through a *pageable* temporary (aten/src/ATen/native/cuda/Copy.cu,
 # copy_requires_temporaries): device -> pageable cudaMemcpyAsync returns only once the copy is done (so every store
-# write waited for the GPU to drain its queue), host -> device runs at pageable speed after a CPU-side gather (8 vs 54
-# GB/s measured on the H100). The two movers below keep both directions asynchronous and on the pinned path.
+# write waited for the GPU to drain its queue), host -> device runs at pageable speed after a CPU-side gather (several
+# times slower than pinned). The two movers below keep both directions asynchronous and on the pinned path.
 # Which path the last write_rows_to_host took ("slabs", "scatter", "copy"), for tests and benchmarks.
 WRITE_PATH = "none"
 SCATTER_UVA_ERROR: str | None = None  # why the scatter kernel's UVA launch failed, once it has (not retried)

@@ -10,8 +10,8 @@ What changes: host memory shrinks by the codec's ratio; the "full-precision" row
 of the originals instead of exact (rel=0.02 by default: 1/50 of each row's range). Rows are compressed once a whole
 offset group (``group`` rows, the payload's unit) has arrived; the last < group rows wait in full precision.
 
-Where things live and run (since this docstring's commit; before it the codec compressed and decoded on the CPU with
-a host sync per written token: 2.7 s a decode step at 32K on the H100, 3da8322):
+Where things live and run (compressing and decoding on the CPU instead costs a host sync per written token, which
+dominates a decode step at long contexts):
 - Compression runs where the rows are written (the GPU in a CUDA run): ``compress_rows`` in torch, one host sync per
   compressed group of ``group`` tokens (the stream's new length), then asynchronous copies of the payload into pinned
   host buffers (``Growable``: words as one stream, per-row base / offset / scale / min as [N, B, H]).
@@ -24,9 +24,7 @@ a host sync per written token: 2.7 s a decode step at 32K on the H100, 3da8322):
   the word stream once at the first rows' bits per row (+2%); rows that code longer grow it by a quarter at a time.
 On a CPU-only run the same buffers are plain CPU tensors and the fetch runs the reference decoder.
 
-Measured on the H100 (Llama-3-8B shape, random bf16 weights, 3798174 / 2b152e3, bench/results/decode.jsonl): a decode
-step of 189.5 / 109.9 / 128.1 ms at 8K / 32K / 128K beside plain specache's 98.5 / 84.4 / 116.2 ms on the same
-machine, with 0.38 / 1.50 / 7.04 GiB of host KV against 1 / 4 / 16 GiB (the word stream then still grew by quarters).
+Step times and host bytes against plain specache: bench/results/decode.jsonl (rows ``specache-codec``), README Status.
 """
 
 from __future__ import annotations

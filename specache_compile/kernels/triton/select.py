@@ -1,8 +1,8 @@
 """Top-k positions by GQA-averaged softmax probability, in two passes over the logits (``reference.select_topk``).
 
 The unfused selection (softmax over every column, slice, mean over the query heads of a KV group, ``torch.topk``)
-reads and writes the [B, Hq, S] fp32 logits three times and then runs a radix select over S per KV head: 213 us at
-128K on the H100 (bench/results/kernels_2888e64.log), a third of the decode path. Here:
+reads and writes the [B, Hq, S] fp32 logits three times and then runs a radix select over S per KV head (about a
+third of the unfused decode path at 128K: bench/results/kernels*.log). Here:
 
 1. ``row_stats_kernel``: per (batch, query head, chunk of the columns) the running max and sum of exp (online
    softmax), over the S candidate logits and the E extra columns (window, speculative token) that only count in the
