@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         return plot_results(out, args.plot_sha, out.parent / "accuracy_policies.png")
     if args.suite == "ruler":
-        return run_ruler(args, argv or [])
+        return run_ruler(args, sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.contexts, args.depths, args.trials, args.agree_tokens = [320, 640], [0.1, 0.5, 0.9], 2, 24
         args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
