@@ -290,6 +290,35 @@ def lowbit_decode_attention_reference(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def split_plan(q, n_tiles: int, n_fp_tiles: int, hkv: int, d: int, dv: int, bits: int,
+               tiles_per_split: int | None = None) -> tuple[int, int, int, int]:
+    """How flash-decoding splits the keys of each (batch, KV head): (low-bit tiles per split, low-bit splits,
+    full-precision tiles per split, splits in all). ``tiles_per_split`` overrides the heuristic (tests)."""
+    if tiles_per_split is None:
+        # About _PROGRAMS_PER_SM programs per SM over the whole grid, but at least _MIN_TILES_PER_SPLIT tiles each.
+        target = max(1, _PROGRAMS_PER_SM * _device_sms(q) // (q.shape[0] * hkv))
+        tiles_per_split = max(_MIN_TILES_PER_SPLIT, triton.cdiv(n_tiles, target))
+    n_lb = triton.cdiv(n_tiles, tiles_per_split)
+    # A full-precision tile reads (D + Dv) * elem bytes a token, a low-bit one about (D + Dv) * bits / 8 + 8: give
+    # each full-precision split about the bytes of a low-bit one.
+    lb_bytes = (d + dv) * bits / 8 + 8
+    fp_bytes = (d + dv) * q.element_size()
+    fp_tiles_per_split = max(1, int(tiles_per_split * lb_bytes / fp_bytes))
+    ns = max(1, n_lb + triton.cdiv(n_fp_tiles, fp_tiles_per_split))  # one (empty) split at least: every row a partial
+    return tiles_per_split, n_lb, fp_tiles_per_split, ns
+
+
+def bias_args(bias, q) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(tensor, 4 strides) a kernel reads a bias [.., W] broadcastable to [B, Hq, Sq, W] through: the strides of the
+    caller's tensor, 0 along broadcast dims. Not those of a bias.expand(...) view: under torch.compile a view made
+    here may be materialised with a layout of Inductor's choosing. No bias: q, never read (HAS_BIAS=False)."""
+    if bias is None:
+        return q, (0, 0, 0, 0)
+    pad = (1,) * (4 - bias.dim())
+    shape, strides = (*pad, *bias.shape), (*(0,) * len(pad), *bias.stride())
+    return bias, tuple(0 if n == 1 else st for n, st in zip(shape, strides))
+
+
 def _decode_kernel_ok(q, ks, vs, k_fp, v_fp, group, d, dv, rep, sq) -> bool:
     dt = q.dtype
     return (
@@ -323,18 +352,8 @@ def _lowbit_decode_attention_triton(
     tile0 = lo // block_n
     n_tiles = max(0, triton.cdiv(hi_q, block_n) - tile0)
     n_fp_tiles = triton.cdiv(f, block_n)
-    if tiles_per_split is None:
-        # About _PROGRAMS_PER_SM programs per SM over the whole grid, but at least _MIN_TILES_PER_SPLIT tiles each.
-        target = max(1, _PROGRAMS_PER_SM * _device_sms(q) // (b * hkv))
-        tiles_per_split = max(_MIN_TILES_PER_SPLIT, triton.cdiv(n_tiles, target))
-    n_lb = triton.cdiv(n_tiles, tiles_per_split)
-    # A full-precision tile reads (D + Dv) * elem bytes a token, a low-bit one about (D + Dv) * bits / 8 + 8: give
-    # each full-precision split about the bytes of a low-bit one.
-    lb_bytes = (d + dv) * bits / 8 + 8
-    fp_bytes = (d + dv) * q.element_size()
-    fp_tiles_per_split = max(1, int(tiles_per_split * lb_bytes / fp_bytes))
-    n_fp = triton.cdiv(n_fp_tiles, fp_tiles_per_split)
-    ns = max(1, n_lb + n_fp)  # one (empty) split at least, so every row gets a partial
+    tiles_per_split, n_lb, fp_tiles_per_split, ns = split_plan(q, n_tiles, n_fp_tiles, hkv, d, dv, bits,
+                                                               tiles_per_split)
 
     n_words = triton.cdiv(nq, 32)
     sub = torch.empty((b, hkv, max(n_words, 1)), dtype=torch.int32, device=q.device)
@@ -348,15 +367,7 @@ def _lowbit_decode_attention_triton(
     po = torch.empty((b, hkv, ns, m, dv), dtype=torch.float32, device=q.device)
     pm = torch.empty((b, hkv, ns, m), dtype=torch.float32, device=q.device)
     pl = torch.empty((b, hkv, ns, m), dtype=torch.float32, device=q.device)
-    if bias is not None:
-        # Strides of the caller's tensor, 0 along broadcast dims. Not those of a bias.expand(...) view: under
-        # torch.compile a view made here may be materialised with a layout of Inductor's choosing.
-        pad = (1,) * (4 - bias.dim())
-        shape, strides = (*pad, *bias.shape), (*(0,) * len(pad), *bias.stride())
-        bias_strides = tuple(0 if n == 1 else st for n, st in zip(shape, strides))
-        bias_t = bias
-    else:
-        bias_t, bias_strides = q, (0, 0, 0, 0)  # never read (HAS_BIAS=False)
+    bias_t, bias_strides = bias_args(bias, q)
     wrap_triton(lowbit_decode_split_kernel)[(ns, hkv, b)](
         q, kq, ks, kz, vq, vs, vz, sub,
         k_fp, v_fp, fp_pos, bias_t,

@@ -96,6 +96,7 @@ from .attn_ops import (  # noqa: E402,F401
     sparse_attention,
     topk_positions,
 )
+from .fused_ops import fused_decode, fused_decode_supported  # noqa: E402,F401
 from .quant_ops import (  # noqa: E402,F401
     dequantize_keys,
     dequantize_values,

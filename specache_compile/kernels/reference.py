@@ -49,6 +49,7 @@ __all__ = [
     "topk_positions",
     "gather_rows",
     "sparse_attention",
+    "fused_decode",
 ]
 
 _BITS = (1, 2, 4)
@@ -441,3 +442,106 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, softm
     # denom == 0 only for fully masked rows, whose numerator is 0 too: return 0 there.
     out = torch.where(denom > 0, out / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(out))
     return out.to(q.dtype)
+
+
+def fused_decode(
+    q: Tensor, kq: Tensor, ks: Tensor, kz: Tensor, vq: Tensor, vs: Tensor, vz: Tensor, bits: int, group: int, lo: int,
+    k_fp: Tensor, v_fp: Tensor, fp_pos: Tensor, k_win: Tensor, v_win: Tensor, win_pos: Tensor, bias: Tensor | None,
+    limit: Tensor | None, softmax_scale: float, rank_row: int, k: int, attend: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One decode step of one layer over a low-bit copy: attention of every query row, and the top-k of one row.
+
+    Computed in float32 (float64 for float64 inputs).
+
+    Attention (``[B, Hq, Sq, Dv]`` in ``q.dtype``; ``[B, Hq, Sq, 0]`` when ``attend`` is False), per (batch, KV head)
+    over:
+
+    - each low-bit position ``p`` in ``[lo, hi)`` not listed in ``fp_pos``, through its dequantized key and value
+      (float32). ``hi = min(nq, lo + W)`` with a bias (``nq``: rows of the copy), ``nq`` without, and below ``limit``
+      (an int64 device scalar, e.g. the tokens quantized so far; None: no limit);
+    - the fetched rows ``k_fp``/``v_fp`` at positions ``fp_pos`` and the window ``k_win``/``v_win`` at ``win_pos``,
+      each where its position is ``>= lo`` (and ``< lo + W`` with a bias): ``-1`` pads. Window positions must not
+      be low-bit positions below ``limit`` (they would count twice).
+
+    ``bias``: additive float mask broadcastable to ``[B, Hq, Sq, W]`` over positions ``[lo, lo + W)``, applied to
+    every column by its position. A row with nothing attended is zeros.
+
+    Ranking (``rank_row`` >= 0): row ``rank_row`` of each query head, softmax over its logits at every low-bit
+    position of ``[lo, hi)`` below ``limit`` (substituted ones too, through their low-bit keys) and at the window
+    columns, averaged over the ``Hq / Hkv`` heads of each GQA group; returns the ``k`` low-bit positions of largest
+    mean probability, int64 ``[B, Hkv, k]`` in any order, ``-1`` where fewer than ``k`` positions have a nonzero
+    probability. ``rank_row < 0``: ``[B, Hkv, 0]``.
+
+    This is what the static decode path computes per layer per step (policies/specache_static.py): attention with
+    the previous step's top-k substituted, and the speculative row's top-k for the next step's prefetch.
+    """
+    # q: [B, Hq, Sq, D]; kq: [B, Hkv, nq, D*bits//8]; ks, kz: [B, Hkv, nq//group, D]; vq: [B, Hkv, nq, Dv*bits//8];
+    # vs, vz: [B, Hkv, nq, Dv//min(group, Dv)]; k_fp: [B, Hkv, F, D]; v_fp: [B, Hkv, F, Dv]; fp_pos: [B, Hkv, F];
+    # k_win: [B, Hkv, Fw, D]; v_win: [B, Hkv, Fw, Dv]; win_pos: [B, Hkv, Fw]
+    _check_float(q, "q")
+    _check_ndim(q, 4, "q", "[B, Hq, Sq, D]")
+    b, hq, sq, d = q.shape
+    hkv, nq = kq.shape[1], kq.shape[2]
+    rep = _gqa_group(hq, hkv, "fused_decode")
+    dv = v_fp.shape[-1]
+    w = None if bias is None else bias.shape[-1]
+    hi = nq if w is None else min(nq, lo + w)
+    n_low = max(0, hi - lo)
+    dev = q.device
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 inputs: a float64 oracle
+    g0, g1 = lo // group, -(-hi // group)
+    if n_low > 0:
+        k_low = dequantize_keys(kq[:, :, g0 * group : g1 * group], ks[:, :, g0:g1], kz[:, :, g0:g1], bits, group,
+                                ct)[:, :, lo - g0 * group : hi - g0 * group]
+        v_low = dequantize_values(vq[:, :, lo:hi], vs[:, :, lo:hi], vz[:, :, lo:hi], bits, group, ct)
+    else:
+        k_low = torch.zeros((b, hkv, 0, d), dtype=ct, device=dev)
+        v_low = torch.zeros((b, hkv, 0, dv), dtype=ct, device=dev)
+    low_pos = torch.arange(lo, lo + n_low, device=dev)
+    low_ok = low_pos < limit.to(dev).reshape(()) if limit is not None else torch.ones_like(low_pos, dtype=torch.bool)
+    low_ok = low_ok.expand(b, hkv, n_low)
+    # substitution: low-bit positions listed in fp_pos
+    listed = torch.zeros((b, hkv, nq + 1), dtype=torch.bool, device=dev)
+    fpl = fp_pos.long()
+    listed.scatter_(2, torch.where((fpl >= 0) & (fpl < nq), fpl, torch.full_like(fpl, nq)), True)
+    keep_low = low_ok & ~listed[:, :, lo : lo + n_low]
+
+    def col_ok(pos):
+        pos = pos.long()
+        ok = pos >= lo
+        return ok & (pos < lo + w) if w is not None else ok
+
+    keep_fp, keep_win = col_ok(fp_pos), col_ok(win_pos)
+    kk = torch.cat([k_low, k_fp.to(ct), k_win.to(ct)], dim=2)  # [B, Hkv, N, D], N = n_low + F + Fw
+    vv = torch.cat([v_low, v_fp.to(ct), v_win.to(ct)], dim=2)
+    pos = torch.cat([low_pos.expand(b, hkv, n_low), fpl, win_pos.long()], dim=2)
+    logits = (float(softmax_scale) * q.to(ct).reshape(b, hkv, rep * sq, d) @ kk.transpose(-1, -2))
+    logits = logits.reshape(b, hkv, rep, sq, -1)
+    if bias is not None:
+        be = bias.to(ct).expand(b, hq, sq, w).reshape(b, hkv, rep, sq, w)
+        idx = (pos - lo).clamp(0, max(w - 1, 0))[:, :, None, None, :].expand(b, hkv, rep, sq, pos.shape[-1])
+        logits = logits + (be.gather(4, idx) if w > 0 else torch.zeros_like(logits))
+
+    def softmax(x, keep):
+        # safe softmax over the last dim of x [..., N] with keep broadcast to it: fully masked rows give zeros
+        x = x.masked_fill(~keep, float("-inf"))
+        mx = x.amax(dim=-1, keepdim=True)
+        p = torch.exp(x - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+        den = p.sum(dim=-1, keepdim=True)
+        return torch.where(den > 0, p / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(p))
+
+    if attend:
+        keep = torch.cat([keep_low, keep_fp, keep_win], dim=2)[:, :, None, None, :]
+        out = (softmax(logits, keep) @ vv[:, :, None]).reshape(b, hq, sq, dv).to(q.dtype)
+    else:
+        out = q.new_zeros((b, hq, sq, 0))
+    if rank_row < 0:
+        return out, torch.empty((b, hkv, 0), dtype=torch.int64, device=dev)
+    keep_r = torch.cat([low_ok, torch.zeros_like(keep_fp), keep_win], dim=2)[:, :, None, :]
+    prob = softmax(logits[:, :, :, rank_row], keep_r)[..., :n_low].mean(dim=2)  # [B, Hkv, n_low]
+    top = torch.full((b, hkv, k), -1, dtype=torch.int64, device=dev)
+    kk_ = min(k, n_low)
+    if kk_ > 0:
+        val, i = torch.topk(prob, kk_, dim=-1)
+        top[..., :kk_] = torch.where(val > 0, i + lo, torch.full_like(i, -1))
+    return out, top

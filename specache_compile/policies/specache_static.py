@@ -33,6 +33,12 @@ position -1). Speculative steps rank with the speculative row and prefetch on th
 the default path does; plain steps rank with the real row and fetch at once on the main stream. What every layer
 of a step would compute alike (positions, masks, bias, the group's rows) the first layer computes (``StepShared``).
 
+Where its Triton kernel runs (CUDA, the shapes of ``fused_ops.fused_decode_supported``), (3) and (4) are one op,
+``fused_decode``: a speculative step reads the copy once for both (the attention substitutes the rows the previous
+step fetched, the ranking is the next step's); a plain step ranks first (the op's ranking alone, the keys only) and
+attends after the fetch. The speculative token's K/V go to an extra ring row (row ``R``), so the columns are views of
+preallocated state (no concatenation a step). Elsewhere, the unfused ops above (``FUSED`` switches).
+
 Not supported here (``ValueError`` when the policy is built): sinks, ``lowbit_remainder=False``,
 ``miss_rule="fetch"``, the KVComp host codec, and a window that is not a multiple of ``group_size``. Prefetch hits
 are sampled only with ``hit_every=1`` (every step): sampling every n-th step needs a step counter on the host, and
@@ -45,9 +51,13 @@ import torch
 
 from ..kernels import ops
 from ..kernels.attn_ops import select_topk
+from ..kernels.fused_ops import fused_decode_supported
 from ..kernels.quant_ops import gather_rows_static, quantize_group_static, scatter_rows_static
 
 _NEG = float("-inf")
+# Where the static path runs fused_decode: "auto" where its Triton kernel runs, "always" also where the op runs its
+# reference (tests of the wiring on CPU), "never" the unfused ops everywhere.
+FUSED = "auto"
 
 
 def check_options(policy) -> None:
@@ -131,8 +141,10 @@ class StaticState:
         nvg = dv // min(g, dv)
         t["s_vs"] = torch.zeros((b, h, rows, nvg), dtype=dt, **z)
         t["s_vz"] = torch.zeros((b, h, rows, nvg), dtype=dt, **z)
-        t["s_ring_k"] = torch.zeros((b, h, self.ring, d), dtype=dt, **z)
-        t["s_ring_v"] = torch.zeros((b, h, self.ring, dv), dtype=dt, **z)
+        # the ring, plus row R for a speculative step's speculative token (the fused path's window columns)
+        t["s_ring_k"] = torch.zeros((b, h, self.ring + 1, d), dtype=dt, **z)
+        t["s_ring_v"] = torch.zeros((b, h, self.ring + 1, dv), dtype=dt, **z)
+        self.fused = None  # fused_decode serves this site (decided at its first step, from the shapes)
         if nq:
             t["s_kq"][:, :, :nq] = t["kq"].view()
             t["s_ks"][:, :, : nq // g] = t["ks"].view()
@@ -232,15 +244,20 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
             return ring_pos.expand(b, hkv, ring)
         return torch.cat([ring_pos, pos[-1:]]).expand(b, hkv, ring + 1)
 
+    low = [t[name][:, :, : st.cq // g if name in ("s_ks", "s_kz") else st.cq]
+           for name in ("s_kq", "s_ks", "s_kz", "s_vq", "s_vs", "s_vz")]
+    if st.fused is None:
+        st.fused = FUSED == "always" or (FUSED == "auto" and fused_decode_supported(
+            q, low[0], low[1], low[4], t["s_ring_k"], t["s_ring_v"], t["s_ring_k"], policy.bits, g, sq - 1, st.topk))
+    if st.fused:
+        return _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, speculating, low)
+
     pos_cols = _shared(site, ("pos_cols", b, hkv, ring, speculating), positions)
-    k_cols, v_cols = t["s_ring_k"], t["s_ring_v"]
+    k_cols, v_cols = t["s_ring_k"][:, :, :ring], t["s_ring_v"][:, :, :ring]
     if speculating:
         k_cols, v_cols = torch.cat([k_cols, k_new[:, :, -1:]], 2), torch.cat([v_cols, v_new[:, :, -1:]], 2)
 
     # (3) rank with the speculative row (or the real row of a plain step)
-    # the copy without its scratch group: [0, Cq) (rows) and [0, Cq / G) (key groups)
-    low = [t[name][:, :, : st.cq // g if name in ("s_ks", "s_kz") else st.cq]
-           for name in ("s_kq", "s_ks", "s_kz", "s_vq", "s_vs", "s_vz")]
     r = sq - 1 if speculating else 0
     top = _rank_rows(policy, site, st, q[:, :, r : r + 1], bias[..., r : r + 1, :], low, k_cols, pos_cols, scale)
 
@@ -276,6 +293,62 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     fp_pos = torch.cat([idx_now, pos_cols], dim=2)
     return ops.lowbit_decode_attention(q, *low, policy.bits, g, 0, torch.cat([k_f, k_cols], 2),
                                        torch.cat([v_f, v_cols], 2), fp_pos, bias, scale)
+
+
+def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, speculating, low):
+    """Steps (3) and (4) through ``fused_decode``: see the module docstring. ``low``: the copy without its scratch
+    group, [0, Cq) (rows) and [0, Cq / G) (key groups)."""
+    t = site.tier
+    b, hq, sq, _ = q.shape
+    hkv, ring, nq, n = site.heads, st.ring, t["s_nq"], t["s_n"]
+    g = policy.group
+
+    def window_positions():
+        # ring row s holds nq + ((s - nq) mod R) if that is below n, else nothing (-1); row R the speculative token
+        ring_pos = nq + (t["s_ring_rows"] - nq) % ring
+        ring_pos = torch.where(ring_pos < n, ring_pos, -1)
+        spec = pos[-1:] if speculating else torch.full_like(pos[-1:], -1)
+        return torch.cat([ring_pos, spec]).expand(b, hkv, ring + 1)
+
+    win_pos = _shared(site, ("win_pos", b, hkv, ring, speculating), window_positions)
+    k_win, v_win = t["s_ring_k"], t["s_ring_v"]
+    if speculating:
+        k_win[:, :, ring].copy_(k_new[:, :, -1])
+        v_win[:, :, ring].copy_(v_new[:, :, -1])
+    pf = t["prefetch"]
+
+    def fused(idx, rank_row, k, attend=True):
+        return ops.fused_decode(q, *low, policy.bits, g, 0, k_f, v_f, idx, k_win, v_win, win_pos, bias, nq, scale,
+                                rank_row, k, attend)
+
+    if speculating:
+        # attend with the rows the previous step's speculative row chose; rank with this step's for the next
+        idx_now = t["s_slot_idx"][st.cur]
+        if st.issued[st.cur]:
+            # filled on the side stream: NOTE read-after-write across streams (see decode)
+            if st.events and not torch.cuda.is_current_stream_capturing():
+                torch.cuda.current_stream(q.device).wait_event(st.events[st.cur])
+            pf.stats.consumed += 1
+        k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
+        if st.issued[st.cur] and policy.hit_every == 1 and sq > 1:  # a second ranking: only when asked every step
+            real = fused(idx_now, 0, st.topk, attend=False)[1]
+            t["hits"] += (real.unsqueeze(-1) == idx_now.unsqueeze(-2)).any(-1).sum()
+            t["hit_total"] += real.numel()
+        out, top = fused(idx_now, sq - 1, st.topk)
+        _issue(site, st, top)
+    else:
+        # plain step: rank with the real row (keys only), fetch its choice now on the main stream, then attend
+        k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
+        idx_now = t["s_slot_idx"][st.cur]
+        idx_now.copy_(fused(idx_now, 0, st.topk, attend=False)[1])
+        gather_rows_static(site.k.data, idx_now, k_f)
+        gather_rows_static(site.v.data, idx_now, v_f)
+        out = fused(idx_now, -1, 0)[0]
+    rows, nbytes = idx_now.numel(), k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
+    site.stats.fetched_rows += rows
+    site.stats.fetched_bytes += nbytes
+    st.step = (n_real, speculating, rows, nbytes)  # what replayed() counts for a step a graph replays
+    return out
 
 
 def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):

@@ -1,0 +1,346 @@
+"""One pass over the low-bit KV copy per layer per decode step: attention, and the next step's ranking.
+
+``reference.fused_decode`` is the contract. Per (batch, KV head) program of a split over the keys (flash-decoding),
+each key tile's packed K and V codes and scales are read once, and for all ``REP * SQ`` query rows of the GQA group:
+
+- the low-bit scores ``q · k̂_n`` (kernels/triton/score.py's split ``q · z_g + (q ∘ s_g) · c_n``);
+- online-softmax attention over the low-bit tokens not substituted (a bitmap of the fetched positions), then, in
+  splits of their own, over the full-precision columns: the fetched rows (source 1) and the window (source 2);
+- for the ranking row (``RANK_ROW``): its scores over every low-bit token (substituted ones too, by their low-bit
+  score) written as fp32 logits, and the split's softmax statistics over those and the window columns.
+
+:func:`rank_topk_kernel` then folds the splits' statistics into each query head's softmax, averages the GQA group's
+probabilities and keeps each block's top-k (kernels/triton/select.py's bitonic sort of probability/position keys); a
+``torch.topk`` over the blocks' candidates gives the step's top-k. Why the logits go through memory instead of a
+per-block top-k inside the pass: the GQA mean weights head ``h`` by ``1 / L_h``, its softmax sum over every split, so
+the order of a block's positions is not known until all splits have run (for GQA 1 it would be).
+
+Layout of a tile in registers. Byte ``j`` of a token's codes holds channels ``j * PER + i`` (``PER = 8 // BITS``,
+code ``i`` at bit ``i * BITS``). Tiles are indexed by ``c = i * BLOCK_NB + j`` (code-major) instead of by channel, and
+every byte is loaded ``PER`` times (L1 hits after the first): then the unpack is one shift per column
+(``byte >> (c // BLOCK_NB) * BITS``), no reshape or interleave of registers, and the loads are runs of ``BLOCK_NB``
+contiguous bytes (16-byte vectors). The query, the key scales and the value-group masks are loaded in the same
+column order; partial outputs are stored back in channel order. Scores and the output are computed transposed
+(``[tokens, rows]`` and ``[channels, rows]``) so that the big code tile is always the left operand of the product.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .score import pow2_scale, split_dot_rhs
+
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read must be a tl.constexpr
+
+
+@triton.jit
+def _online_update_t(xt, m_i, l_i):
+    # xt: [BLOCK_N, BLOCK_M] log2-domain scores, -inf where masked -> (p, alpha, m_new, l_new), statistics per column
+    # (query row). A row with nothing unmasked yet keeps m = -inf; its exponents are taken against 0 so that
+    # -inf - -inf never makes a NaN.
+    m_new = tl.maximum(m_i, tl.max(xt, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(xt - m_safe[None, :])
+    l_new = l_i * alpha + tl.sum(p, axis=0)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
+def _codes_f16(byte, shift, BITS: tl.constexpr):
+    # byte: uint8 tile, shift: its code's bit offset (broadcastable) -> the codes as fp16, exactly. No int-to-float
+    # conversion (a slow instruction, one per code): the code is written into the mantissa of 1024.0 (fp16 0x6400,
+    # whose ulp is 1) and 1024 subtracted, both exact.
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    x = ((byte.to(tl.int16) >> shift.to(tl.int16)) & LEVELS) | 0x6400
+    return x.to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _expand_cols(byte, PER: tl.constexpr, R: tl.constexpr, NB: tl.constexpr):
+    # byte: [R, NB] -> [R, PER * NB], column i * NB + j = byte[:, j] (each byte repeated PER times, code-major)
+    return tl.reshape(tl.broadcast_to(byte[:, None, :], [R, PER, NB]), [R, PER * NB])
+
+
+@triton.jit
+def _expand_rows(byte, PER: tl.constexpr, NB: tl.constexpr, C: tl.constexpr):
+    # byte: [NB, C] -> [PER * NB, C], row i * NB + j = byte[j, :]
+    return tl.reshape(tl.broadcast_to(byte[None, :, :], [PER, NB, C]), [PER * NB, C])
+
+
+@triton.jit
+def _fp_tile(
+    qt, acc, m_i, l_i, mr, lr,
+    k_base, v_base, p_base, row0, n_rows, lo, W, qk_scale, bias_rows, row_mask, rank_mask,
+    dk, dk_mask, dv_ch, dv_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_pn, stride_bw,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, RANKED: tl.constexpr,
+    ATTEND: tl.constexpr, QPARTS: tl.constexpr, FP_PARTS: tl.constexpr, CDT: tl.constexpr, EMULATE: tl.constexpr,
+):
+    # One tile of BLOCK_N full-precision columns (rows row0.. of one source): reads BLOCK_N * (D + DV) elements and
+    # BLOCK_N positions (+ the bias rows at those positions). RANKED: the columns also count in the ranking softmax.
+    j = row0 + tl.arange(0, BLOCK_N)
+    pos = tl.load(p_base + j * stride_pn, mask=j < n_rows, other=-1).to(tl.int64)
+    valid = (j < n_rows) & (pos >= lo)
+    if HAS_BIAS:
+        valid = valid & (pos < lo + W)
+    kf = tl.load(k_base + j[:, None] * stride_kn + dk[None, :] * stride_kd,
+                 mask=valid[:, None] & dk_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], columns code-major
+    xt = split_dot_rhs(kf, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QPARTS, CDT, EMULATE) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(bias_rows + (pos - lo)[:, None] * stride_bw, mask=valid[:, None] & row_mask[None, :],
+                       other=0.0)
+        xt += bias.to(tl.float32) * LOG2E
+    if RANKED:
+        xr = tl.where(valid[:, None] & rank_mask[None, :], xt, float("-inf"))
+        _, _, mr, lr = _online_update_t(xr, mr, lr)
+    if ATTEND:
+        x = tl.where(valid[:, None], xt, float("-inf"))
+        p, alpha, m_i, l_i = _online_update_t(x, m_i, l_i)
+        # masked by valid: a padding row of an uninitialised buffer may hold NaN, and NaN * 0 is NaN
+        vt = tl.load(v_base + j[None, :] * stride_vn + dv_ch[:, None] * stride_vd,
+                     mask=dv_mask[:, None] & valid[None, :], other=0.0)  # [BLOCK_DV, BLOCK_N]
+        acc = split_dot_rhs(vt, p, acc * alpha[None, :], FP_PARTS, CDT, EMULATE)
+    return acc, m_i, l_i, mr, lr
+
+
+@triton.jit
+def fused_decode_kernel(
+    q_ptr, kq_ptr, ks_ptr, kz_ptr, vq_ptr, vs_ptr, vz_ptr, sub_ptr,
+    kf_ptr, vf_ptr, fpos_ptr, kw_ptr, vw_ptr, wpos_ptr, bias_ptr, lim_ptr,
+    po_ptr, pm_ptr, pl_ptr, rx_ptr, rm_ptr, rl_ptr,
+    lo, hi_q, F, FW, W, qk_scale,
+    tile0, n_tiles, tiles_per_split, n_lb_splits, n_f_tiles, n_fp_tiles, fp_tiles_per_split,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kqb, stride_kqh, stride_kqs, stride_kqd,
+    stride_ksb, stride_ksh, stride_ksg, stride_ksd,
+    stride_vqb, stride_vqh, stride_vqs, stride_vqd,
+    stride_vsb, stride_vsh, stride_vss, stride_vsg,
+    stride_subb, stride_subh,
+    stride_kfb, stride_kfh, stride_kff, stride_kfd,
+    stride_vfb, stride_vfh, stride_vff, stride_vfd,
+    stride_fpb, stride_fph, stride_fpf,
+    stride_kwb, stride_kwh, stride_kwf, stride_kwd,
+    stride_vwb, stride_vwh, stride_vwf, stride_vwd,
+    stride_wpb, stride_wph, stride_wpf,
+    stride_bb, stride_bh, stride_bs, stride_bw,
+    stride_pob, stride_poh, stride_pos, stride_pom,
+    stride_pmb, stride_pmh, stride_pms,
+    stride_rxb, stride_rxh,
+    D: tl.constexpr, DV: tl.constexpr, REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr,
+    GROUP: tl.constexpr, GV: tl.constexpr,
+    NGV: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_NBV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, ATTEND: tl.constexpr,
+    PARTS: tl.constexpr, QPARTS: tl.constexpr, FP_PARTS: tl.constexpr, EMULATE: tl.constexpr,
+):
+    # q: [B, Hq, Sq, D]; kq: [B, Hkv, nq, D*BITS//8] uint8; ks, kz: [B, Hkv, nq//GROUP, D] (same strides);
+    # vq: [B, Hkv, nq, DV*BITS//8]; vs, vz: [B, Hkv, nq, NGV] (same strides); sub: [B, Hkv, cdiv(nq, 32)] int32 bitmap
+    # of the fetched positions; kf, vf, fpos: the fetched rows [B, Hkv, F, D|DV] and their positions [B, Hkv, F];
+    # kw, vw, wpos: the window columns [B, Hkv, FW, D|DV], [B, Hkv, FW]; bias: [B, Hq, Sq, W] (broadcast strides 0)
+    # over positions [lo, lo + W); lim: int64 [1], low-bit positions at or past it are not attended or ranked.
+    # po: [B, Hkv, NS, REP*SQ, DV] fp32; pm, pl, rm, rl: [B, Hkv, NS, REP*SQ] fp32 (same strides); rx: [B, Hq, n_low]
+    # fp32 ranking logits (log2 domain) of positions lo + i.
+    # grid (NS, Hkv, B), NS = n_lb_splits + full-precision splits. Program pid < n_lb_splits takes low-bit tiles
+    # [tile0 + pid * tiles_per_split, ...) (tile t = positions [t * BLOCK_N, (t + 1) * BLOCK_N), inside one key group),
+    # clipped to [lo, min(hi_q, lim)); the others take full-precision tiles: the n_f_tiles tiles of the fetched rows,
+    # then the window's. Row r of a tile = query head r // SQ of the GQA group, query r % SQ.
+    pid = tl.program_id(0)
+    kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
+    PER: tl.constexpr = 8 // BITS
+    BLOCK_D: tl.constexpr = PER * BLOCK_NB
+    BLOCK_DV: tl.constexpr = PER * BLOCK_NBV
+    LB_DT: tl.constexpr = tl.float16  # the low-bit products: codes are exact in fp16 (other operand pow2-scaled)
+    CDT: tl.constexpr = kf_ptr.dtype.element_ty  # the full-precision columns' (and q's) dtype
+
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < REP * SQ
+    rank_mask = row_mask & ((rows % SQ) == RANK_ROW)  # all False when RANK_ROW < 0
+    head = kv * REP + rows // SQ
+    sq = rows % SQ
+    # key columns, code-major: column c is code c // BLOCK_NB of byte c % BLOCK_NB, i.e. channel dk
+    ck = tl.arange(0, BLOCK_D)
+    jk = ck % BLOCK_NB
+    sk = (ck // BLOCK_NB) * BITS
+    dk = jk * PER + ck // BLOCK_NB
+    dk_mask = jk < D // PER
+    cv = tl.arange(0, BLOCK_DV)
+    jv = cv % BLOCK_NBV
+    sv = (cv // BLOCK_NBV) * BITS
+    dv_ch = jv * PER + cv // BLOCK_NBV
+    dv_mask = jv < DV // PER
+    dv_grp = dv_ch // GV  # the value channel group of each column
+    nb = tl.arange(0, BLOCK_NB)  # code bytes of a token
+    nb_mask = nb < D // PER
+    nbv = tl.arange(0, BLOCK_NBV)
+    nbv_mask = nbv < DV // PER
+
+    q_ptrs = q_ptr + b * stride_qb + head[None, :] * stride_qh + sq[None, :] * stride_qs + dk[:, None] * stride_qd
+    qt = tl.load(q_ptrs, mask=dk_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_M]
+    bias_rows = bias_ptr + b * stride_bb + head[None, :] * stride_bh + sq[None, :] * stride_bs  # [1, BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mr = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the ranking row's statistics (no substitution)
+    lr = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.float32)
+
+    hi = hi_q
+    if HAS_LIMIT:
+        hi = tl.minimum(hi, tl.load(lim_ptr).to(tl.int32))
+
+    # ---- low-bit tiles (an empty range for the full-precision programs) ------------------------------------------
+    kq_base = kq_ptr + b * stride_kqb + kv * stride_kqh
+    ks_base = ks_ptr + b * stride_ksb + kv * stride_ksh
+    kz_base = kz_ptr + b * stride_ksb + kv * stride_ksh
+    vq_base = vq_ptr + b * stride_vqb + kv * stride_vqh
+    vs_base = vs_ptr + b * stride_vsb + kv * stride_vsh
+    vz_base = vz_ptr + b * stride_vsb + kv * stride_vsh
+    sub_base = sub_ptr + b * stride_subb + kv * stride_subh
+    rx_rows = rx_ptr + b * stride_rxb + head[None, :] * stride_rxh  # [1, BLOCK_M]
+    t_lo = tile0 + pid * tiles_per_split
+    t_hi = tl.minimum(tl.minimum(t_lo + tiles_per_split, tile0 + n_tiles), tl.cdiv(hi, BLOCK_N))
+    # Per tile, from HBM: BLOCK_N * (D + DV) * BITS / 8 code bytes (each byte then re-read PER - 1 times from L1),
+    # 2 * BLOCK_N * NGV value scale/zero elements, BLOCK_N / 8 bitmap bytes, 2 * D key scale/zero elements (once per
+    # key group: GROUP / BLOCK_N tiles share them) and, with a bias, its REP * SQ * BLOCK_N elements (L2 when the bias
+    # broadcasts over heads). E.g. D = DV = 128, 2 bits, GROUP = BLOCK_N = 64, bf16: 4096 + 512 + 8 + 512 = 5128
+    # bytes, 80 a token. Writes, with a ranking row: its REP * BLOCK_N fp32 logits (4 * REP bytes a token).
+    for t in range(t_lo, t_hi):
+        n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_range = (n >= lo) & (n < hi)
+        g = (t * BLOCK_N) // GROUP
+        s = tl.load(ks_base + g * stride_ksg + dk * stride_ksd, mask=dk_mask, other=0.0).to(tl.float32)
+        z = tl.load(kz_base + g * stride_ksg + dk * stride_ksd, mask=dk_mask, other=0.0).to(tl.float32)
+        kbyte = tl.load(kq_base + n[:, None] * stride_kqs + nb[None, :] * stride_kqd,
+                        mask=in_range[:, None] & nb_mask[None, :], other=0)  # [BLOCK_N, BLOCK_NB], each byte once
+        kc = _codes_f16(_expand_cols(kbyte, PER, BLOCK_N, BLOCK_NB), sk[None, :], BITS)  # [BLOCK_N, BLOCK_D]
+        qz = tl.sum(qt * z[:, None], axis=0)  # [BLOCK_M]
+        qs = qt * s[:, None]  # [BLOCK_D, BLOCK_M]
+        if PARTS == 0:
+            xt = split_dot_rhs(kc, qs, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PARTS, LB_DT, EMULATE)
+        else:
+            r_scale, r_inv = pow2_scale(tl.max(tl.abs(qs), axis=0), 14)
+            xt = split_dot_rhs(kc, qs * r_scale[None, :], tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PARTS,
+                               LB_DT, EMULATE) * r_inv[None, :]
+        xt = (qz[None, :] + xt) * qk_scale  # [BLOCK_N, BLOCK_M], log2 domain
+        if HAS_BIAS:
+            bias = tl.load(bias_rows + (n - lo)[:, None] * stride_bw, mask=in_range[:, None] & row_mask[None, :],
+                           other=0.0)
+            xt += bias.to(tl.float32) * LOG2E
+        if RANK_ROW >= 0:
+            xr = tl.where(in_range[:, None], xt, float("-inf"))
+            tl.store(rx_rows + (n - lo)[:, None], xr, mask=in_range[:, None] & rank_mask[None, :])
+            xr = tl.where(rank_mask[None, :], xr, float("-inf"))
+            _, _, mr, lr = _online_update_t(xr, mr, lr)
+        if ATTEND:
+            # substituted tokens are read like the others (their loads depend on the loop index alone, so they are
+            # issued together and pipelined) and dropped through x = -inf, p = 0
+            word = tl.load(sub_base + (n >> 5), mask=in_range, other=0)
+            keep = in_range & (((word >> (n & 31)) & 1) == 0)
+            x = tl.where(keep[:, None], xt, float("-inf"))
+            p, alpha, m_i, l_i = _online_update_t(x, m_i, l_i)
+            vbyte = tl.load(vq_base + n[None, :] * stride_vqs + nbv[:, None] * stride_vqd,
+                            mask=nbv_mask[:, None] & in_range[None, :], other=0)  # [BLOCK_NBV, BLOCK_N]
+            vc = _codes_f16(_expand_rows(vbyte, PER, BLOCK_NBV, BLOCK_N), sv[:, None], BITS)  # [BLOCK_DV, BLOCK_N]
+            acc = acc * alpha[None, :]
+            # Channel group gg: acc[group gg] += codes @ (p * vs[:, gg]) + p · vz[:, gg]. The product runs over all
+            # columns and keeps group gg's (NGV products of [BLOCK_DV, BLOCK_N] x [BLOCK_N, BLOCK_M]).
+            for gg in tl.static_range(NGV):
+                vs_g = tl.load(vs_base + n * stride_vss + gg * stride_vsg, mask=in_range, other=0.0).to(tl.float32)
+                vz_g = tl.load(vz_base + n * stride_vss + gg * stride_vsg, mask=in_range, other=0.0).to(tl.float32)
+                pz = tl.sum(p * vz_g[:, None], axis=0)  # [BLOCK_M]
+                a = p * vs_g[:, None]  # [BLOCK_N, BLOCK_M]
+                zero = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.float32)
+                if PARTS == 0:
+                    pv = split_dot_rhs(vc, a, zero, PARTS, LB_DT, EMULATE)
+                else:
+                    # p <= 1, so |a| <= max |vs_g|: one power of two per tile keeps a in fp16's range
+                    v_scale, v_inv = pow2_scale(tl.max(tl.abs(vs_g), axis=0), 14)
+                    pv = split_dot_rhs(vc, a * v_scale, zero, PARTS, LB_DT, EMULATE) * v_inv
+                acc += tl.where((dv_grp == gg)[:, None], pv + pz[None, :], 0.0)
+
+    # ---- full-precision tiles (an empty range for the low-bit programs): fetched rows, then the window -----------
+    is_fp = (pid >= n_lb_splits).to(tl.int32)
+    f_lo = (pid - n_lb_splits) * fp_tiles_per_split
+    f_hi = f_lo + is_fp * (tl.minimum(f_lo + fp_tiles_per_split, n_fp_tiles) - f_lo)
+    if ATTEND:
+        kf_base = kf_ptr + b * stride_kfb + kv * stride_kfh
+        vf_base = vf_ptr + b * stride_vfb + kv * stride_vfh
+        fp_base = fpos_ptr + b * stride_fpb + kv * stride_fph
+        for ft in range(tl.maximum(f_lo, 0), tl.minimum(f_hi, n_f_tiles)):
+            acc, m_i, l_i, mr, lr = _fp_tile(
+                qt, acc, m_i, l_i, mr, lr, kf_base, vf_base, fp_base, ft * BLOCK_N, F, lo, W, qk_scale, bias_rows,
+                row_mask, rank_mask, dk, dk_mask, dv_ch, dv_mask,
+                stride_kff, stride_kfd, stride_vff, stride_vfd, stride_fpf, stride_bw,
+                BLOCK_N, BLOCK_M, HAS_BIAS, False, ATTEND, QPARTS, FP_PARTS, CDT, EMULATE,
+            )
+    kw_base = kw_ptr + b * stride_kwb + kv * stride_kwh
+    vw_base = vw_ptr + b * stride_vwb + kv * stride_vwh
+    wp_base = wpos_ptr + b * stride_wpb + kv * stride_wph
+    for ft in range(tl.maximum(f_lo, n_f_tiles), f_hi):
+        acc, m_i, l_i, mr, lr = _fp_tile(
+            qt, acc, m_i, l_i, mr, lr, kw_base, vw_base, wp_base, (ft - n_f_tiles) * BLOCK_N, FW, lo, W, qk_scale,
+            bias_rows, row_mask, rank_mask, dk, dk_mask, dv_ch, dv_mask,
+            stride_kwf, stride_kwd, stride_vwf, stride_vwd, stride_wpf, stride_bw,
+            BLOCK_N, BLOCK_M, HAS_BIAS, RANK_ROW >= 0, ATTEND, QPARTS, FP_PARTS, CDT, EMULATE,
+        )
+
+    # Writes REP * SQ * (DV + 4) fp32: the unnormalised output (back in channel order), its log2 max and sum, and the
+    # ranking statistics.
+    pm = b * stride_pmb + kv * stride_pmh + pid * stride_pms + rows
+    if ATTEND:
+        po = po_ptr + b * stride_pob + kv * stride_poh + pid * stride_pos
+        tl.store(po + rows[None, :] * stride_pom + dv_ch[:, None], acc, mask=dv_mask[:, None] & row_mask[None, :])
+        tl.store(pm_ptr + pm, m_i, mask=row_mask)
+        tl.store(pl_ptr + pm, l_i, mask=row_mask)
+    if RANK_ROW >= 0:
+        tl.store(rm_ptr + pm, mr, mask=rank_mask)
+        tl.store(rl_ptr + pm, lr, mask=rank_mask)
+
+
+@triton.jit
+def rank_topk_kernel(
+    rx_ptr, rm_ptr, rl_ptr, lim_ptr, cand_val_ptr, cand_idx_ptr,
+    n_low, lo, NS,
+    stride_rxb, stride_rxh,
+    stride_rmb, stride_rmh, stride_rms,
+    REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    # rx: the ranking logits [B, Hq, n_low] (log2 domain; positions lo + i); rm, rl: the splits' ranking statistics
+    # [B, Hkv, NS, REP*SQ]; cand_val, cand_idx: [B, Hkv, nblocks, K]. grid (nblocks, Hkv, B): block i of BLOCK_N
+    # positions. Writes the block's K best (mean probability over the GQA group, absolute position); probability 0
+    # and position -1 past its valid positions and for positions of zero probability.
+    pid_n = tl.program_id(0)
+    kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = offs < n_low
+    if HAS_LIMIT:
+        valid = valid & (offs + lo < tl.load(lim_ptr))
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = sp < NS
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes 2 * K values.
+    for r in range(REP):
+        st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
+        m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
+        lsum = tl.load(rl_ptr + st, mask=s_mask, other=0.0)
+        m_all = tl.max(m, axis=0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.sum(lsum * tl.exp2(tl.where(m == float("-inf"), m_safe, m) - m_safe), axis=0)
+        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
+        x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
+        acc += tl.exp2(x - m_safe) * inv
+    prob = acc / REP
+    bits = prob.to(tl.int32, bitcast=True).to(tl.int64)  # >= 0: ordered like the probabilities
+    key = tl.where(valid & (prob > 0), (bits << 32) | offs.to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    keep = tl.arange(0, BLOCK_N) < K
+    top_val = tl.where(key >= 0, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+    top_idx = tl.where(key >= 0, (key & 0xFFFFFFFF) + lo, -1)
+    out = ((b * tl.num_programs(1) + kv) * tl.num_programs(0) + pid_n) * K + tl.arange(0, BLOCK_N)
+    tl.store(cand_val_ptr + out, top_val, mask=keep)
+    tl.store(cand_idx_ptr + out, top_idx, mask=keep)
