@@ -17,6 +17,10 @@ fetch time. Methods:
   ``enable_gqa``), so SDPA may take its flash kernel. Measured at 564316c: 7.0 / 8.0 / 12.2 ms of GPU time a step at
   8K / 32K / 128K, with a host-bound step of 72-79 ms (SDPA took cuDNN); kept off cuDNN since: 25.3 / 23.1 / 20.5 ms
   a step, 7.2 / 8.3 / 12.6 ms of GPU time (3798174);
+- ``full-graph``: the full cache at its best, the opponent of ``specache-graph``: every decode step one replay of a
+  CUDA graph (captured once over the compiled step), whose attention is the flash kernel over the StaticCache's
+  capacity with GQA left to it (no mask, no ``repeat_kv``) and the unwritten rows' share taken out exactly through
+  the kernel's log-sum-exp (:func:`_capacity_attention`); the capacity is the written positions plus the steps run;
 - ``hf-offloaded``: transformers' DynamicCache(offloading=True) (OffloadedCache), eager;
 - ``specache``: ``specache.compile`` defaults, driven by ``specache.generate`` (speculative prefetch);
 - ``specache-noprefetch``: the same with speculation off (fetch after the real query, on the main stream);
@@ -29,7 +33,10 @@ fetch time. Methods:
   prefetch hits only then).
 
 One JSON line per row to bench/results/decode.jsonl; PNG plots next to it (step time and device memory vs context).
-A row that runs out of memory is written with ``oom: true``.
+A row that runs out of memory is written with ``oom: true``. Profiled CUDA rows also carry the attention kernels'
+GPU time per step and their share of the HBM bandwidth measured in the same process (``hbm_peak_gbps``: a 1 GiB
+device-to-device copy, read + write bytes): ``attn_kernel_ms``, ``attn_bytes`` (what they must read a step: the KV
+they attend for the full caches, the device tier for specache), ``attn_hbm_pct``.
 """
 
 from __future__ import annotations
@@ -130,6 +137,52 @@ def _exact_len_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
+def _flash_lse(query, key, value, scale):
+    """(out [B, Hq, Sq, D], logsumexp [B, Hq, Sq]) of softmax attention over all of key/value [B, Hkv, C, D]: the flash
+    kernel on CUDA (GQA native: the key/value heads are not repeated); on the CPU (smoke runs) its CPU twin, over
+    repeated heads."""
+    if query.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False,
+                                                                  scale=scale)[:2]
+    rep = query.shape[1] // key.shape[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1), 0.0, False, scale=scale)[:2]
+
+
+def _capacity_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        kv_len_t=None, **kwargs):
+    """``full-graph``'s attention: transformers' SDPA attention, except a one-token decode step given ``kv_len_t``
+    (the written positions, a device tensor: a CUDA graph replays the step at the next length). Flash attention over
+    the whole StaticCache, whose rows past ``kv_len_t`` are zeros (the cache is allocated zeroed and written in
+    order): each adds exp(0) to the softmax sum and nothing to the numerator, so with Z = exp(lse) the exact output
+    over the written rows is ``out * Z / (Z - unwritten) = out / (1 - unwritten * exp(-lse))``. The bytes read are
+    the capacity's, which the bench sets to the written positions plus the steps it runs."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or kv_len_t is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out, lse = _flash_lse(query, key, value, scale)
+    unwritten = (key.shape[2] - kv_len_t).to(torch.float32)  # [1]
+    out = out.float() / (1.0 - unwritten * torch.exp(-lse.float())).unsqueeze(-1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def check_capacity_attention(device, dtype, n=4099, capacity=4130, b=2, hq=32, hkv=8, d=128) -> float:
+    """``_capacity_attention``'s error against SDPA over the written rows, relative (||.|| / ||.||), on ``device``:
+    the full-graph rows carry it (``attn_check_rel_err``), so a row whose baseline computed something else shows it."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(b, hkv, capacity, d, device=device, dtype=dtype, generator=g) for _ in range(2))
+    k[:, :, n:] = 0
+    v[:, :, n:] = 0
+    got = _capacity_attention(None, q, k, v, None, scaling=d**-0.5, kv_len_t=torch.tensor([n], device=device))[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k[:, :, :n].float(), v[:, :, :n].float(),
+                                                            scale=d**-0.5, enable_gqa=True).transpose(1, 2)
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
 def _use_attention(model, name: str, fn) -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
@@ -221,17 +274,21 @@ def top_kernels(events, steps: int, n: int = 8) -> list[dict]:
             for name, us, calls in rows]
 
 
+def prefill(forward, ids, cache, chunk) -> torch.Tensor:
+    """The prompt in chunks of ``chunk`` tokens; returns the greedy next token [B, 1]."""
+    out = None
+    for a in range(0, ids.shape[1], chunk):
+        e = min(ids.shape[1], a + chunk)
+        out = forward(input_ids=ids[:, a:e], past_key_values=cache, use_cache=True,
+                      cache_position=torch.arange(a, e, device=ids.device), logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
 def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step, pass_kv_len=False):
     """Plain greedy loop for the non-specache methods: chunked prefill, then one token per step. pass_kv_len: decode
     calls also get ``kv_len``, the positions written after the step's token (``full-flash``'s attention reads it)."""
-    b, s = ids.shape
-    dev = ids.device
-    out = None
-    for a in range(0, s, chunk):
-        e = min(s, a + chunk)
-        out = forward_prefill(input_ids=ids[:, a:e], past_key_values=cache, use_cache=True,
-                              cache_position=torch.arange(a, e, device=dev), logits_to_keep=1)
-    tok = out.logits[:, -1:].argmax(-1)
+    s, dev = ids.shape[1], ids.device
+    tok = prefill(forward_prefill, ids, cache, chunk)
     for i in range(n_steps - 1):
         extra = {"kv_len": s + i + 1} if pass_kv_len else {}
         out = forward_decode(input_ids=tok, past_key_values=cache, use_cache=True,
@@ -239,6 +296,69 @@ def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step,
         tok = out.logits[:, -1:].argmax(-1)
         on_step(i)
     return tok
+
+
+def graph_greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step):
+    """``full-graph``'s loop: greedy's chunked prefill, then every decode step one replay of a CUDA graph captured
+    once over static inputs (the token, its position and the written length, device tensors advanced in place
+    between replays). On the CPU (smoke runs) the same steps without a graph."""
+    s, dev = ids.shape[1], ids.device
+    tok = prefill(forward_prefill, ids, cache, chunk)
+    pos = torch.tensor([s], device=dev)
+    kv_len = pos + 1
+
+    def step():
+        return forward_decode(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
+                              logits_to_keep=1, kv_len_t=kv_len)
+
+    graph = None
+    if dev.type == "cuda":
+        # warm-up (the compile) on a side stream, as torch.cuda.graph asks; each call writes position s with the
+        # step's own token, which the first replay writes again
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+    for i in range(n_steps - 1):
+        if graph is not None:
+            graph.replay()
+        else:
+            out = step()
+        tok.copy_(out.logits[:, -1:].argmax(-1))
+        pos += 1
+        kv_len += 1
+        on_step(i)
+    return tok
+
+
+# Kernels that read the KV a decode step attends: the flash kernels (full caches), specache's decode kernels.
+ATTN_KERNELS = ("flash_fwd", "fused_decode_kernel", "rank_topk_kernel", "lowbit_decode_split_kernel",
+                "lowbit_scores_kernel", "merge_splits_kernel", "substitution_bitmap_kernel", "row_stats_kernel",
+                "block_topk_kernel")
+
+
+def hbm_peak_gbps(reps: int = 20) -> float:
+    """HBM bandwidth of a 1 GiB device-to-device copy (bytes read + written), median over reps, CUDA events."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n / (statistics.median(times) * 1e-3) / 1e9
 
 
 def run_row(method, base, ctx, batch, args, compiled: dict):
@@ -289,7 +409,21 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     kv_dev = host = 0
     hit = None
     with torch.no_grad():
-        if method in ("full", "full-packed", "full-flash"):
+        if method == "full-graph":
+            from transformers import StaticCache
+
+            if method not in compiled:
+                compiled[method] = shared_copy(base)
+                _use_attention(compiled[method], "sdpa_capacity", _capacity_attention)
+            m = compiled[method]
+            # dynamic=True: one compile for every row (a graph is captured per row, at its shapes)
+            fwd = compiled.setdefault(method + "_fwd", torch.compile(m.forward, dynamic=True))
+            cache = StaticCache(config=m.config, max_cache_len=ctx + total + 1)
+            graph_greedy(m.forward, fwd, ids, cache, total, args.prefill_chunk, on_step)
+            kv_dev = cache_bytes(cache, dev.type)
+            if cuda:
+                row["attn_check_rel_err"] = check_capacity_attention(dev, torch.bfloat16)
+        elif method in ("full", "full-packed", "full-flash"):
             from transformers import StaticCache
 
             if method not in compiled:
@@ -372,6 +506,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         # and the compiles they triggered (compile_s)
         "prefill_s": prof["prefill_end"] - t0 if "prefill_end" in prof else None,
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
+        "hbm_peak_gbps": args.hbm_peak,
         "inner": "inductor" if method.startswith("full") else "eager" if method == "hf-offloaded" else args.inner,
     })
     if "p" in prof:
@@ -387,6 +522,19 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         on_device = [e for e in avgs if e.device_type == torch.autograd.DeviceType.CUDA] or avgs
         row["gpu_top_kernels"] = top_kernels([(e.key, e.self_device_time_total, e.count) for e in on_device],
                                              args.profile_steps)
+        # the attention kernels' GPU time per step, and the bytes they must read a step: the KV attended (full caches:
+        # every layer's K and V over the written positions, or the capacity for full-graph), the device tier
+        # (specache: the low-bit copy, window and fetched rows, all read each step)
+        attn_us = sum(e.self_device_time_total for e in on_device if any(k in e.key for k in ATTN_KERNELS))
+        if attn_us:
+            cfg = base.config
+            kv_len = ctx + total + 1 if method == "full-graph" else ctx + args.warmup + args.steps + args.timed_fetch
+            full_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * kv_len
+                          * (cfg.hidden_size // cfg.num_attention_heads) * next(base.parameters()).element_size())
+            row["attn_kernel_ms"] = attn_us / 1e3 / args.profile_steps
+            row["attn_bytes"] = full_bytes if method.startswith("full") else kv_dev
+            if args.hbm_peak:
+                row["attn_hbm_pct"] = 100.0 * row["attn_bytes"] / (row["attn_kernel_ms"] * 1e-3) / 1e9 / args.hbm_peak
         f = fetch_overlap(kernels)
         row["profiled_fetch_ms"] = f["fetch_busy_us"] / 1e3 / args.profile_steps
         row["profiled_exposed_fetch_ms"] = f["exposed_us"] / 1e3 / args.profile_steps
@@ -540,6 +688,7 @@ def main(argv=None) -> int:
     # every method's graphs of one model share code objects: room for all of them (the limit is per code object)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    args.hbm_peak = hbm_peak_gbps() if device == "cuda" else None  # the same process's ceiling for attn_hbm_pct
     base = build(args.tiny, device, args.layers)
     shapes = [(c, b) for b in args.batches for c in args.contexts]
     extra = []
@@ -565,7 +714,7 @@ def main(argv=None) -> int:
             rows.append(row)
             write_rows(args.out, [row])
             keys = ("step_ms", "gpu_busy_ms", "kv_device_bytes", "peak_device_bytes", "prefetch_hit_rate",
-                    "exposed_fetch_ms", "fetch_gbps", "prefill_s", "error")
+                    "exposed_fetch_ms", "fetch_gbps", "prefill_s", "attn_kernel_ms", "attn_hbm_pct", "error")
             print(method, ctx, batch, {k: row.get(k) for k in keys}, flush=True)
             for t in row.get("gpu_top_kernels") or []:  # where the GPU time goes (the log's table per row)
                 print(f"    {t['ms']:8.3f} ms {t['share']:6.1%} {t['calls']:6.0f} calls  {t['kernel']}", flush=True)

@@ -9,6 +9,11 @@
 #       codec_tests: the host codec's GPU tests; exact: the GPU test of exact_attention in pieces
 #       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
+#     fused_tests: the fused decode kernel's GPU tests (tests/kernels/test_fused_decode.py) and the static path through
+#       it and the full-graph baseline's attention (tests/test_gpu.py); fused_kernels: bench/kernels.py --only-fused
+#       (fused_decode at 32K/128K x batch 1/8 x bits 2/1, the unfused ops beside it, a launch-shape sweep);
+#       graph_rows / graph_b8: full-graph, full-flash and specache-graph decode rows at 8K/32K/128K batch 1 / 32K batch 8
+#       (issue 18's comparison: one machine, one process per step);
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
 #       the GPU idle: run it beside the GPU tests, never beside a timed step), waited for at the end
 #
@@ -51,16 +56,21 @@ for step in $steps; do
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
       timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
+    fused_tests)
+      pytest_gpu gpu_fused 240 tests/kernels/test_fused_decode.py tests/test_gpu.py -k "kernel_cuda or fused or capacity or static or graph" ;;
+    fused_kernels)
+      timeout 200 python bench/kernels.py --only-fused --rep 30 >"$OUT/kernels_fused.log" 2>&1
+      echo "fused_kernels: rc=$?"; tail -30 "$OUT/kernels_fused.log"; kernel_rows=1 ;;
     codec_tests)  # the KVComp host codec's GPU tests (pinned and pageable payloads)
       pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
       pytest_gpu gpu_exact 90 tests/test_gpu.py -k exact_attention ;;
-    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows)
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows | graph_rows | graph_b8)
       # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
       # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
       # from the same machine as the rows they are compared with.
       all="8192 32768 131072"; pol="quant kcache kvcomp cake streaming snapkv specache-cake specache:host_codec=kvcomp"
-      fetch="--timed-fetch 2"
+      fetch="--timed-fetch 2"; bs=1
       case $step in
         baselines) ms="full full-flash"; cs=$all; lim=400; fetch="--timed-fetch 0" ;;
         offloaded) ms="hf-offloaded"; cs=$all; lim=170 ;;
@@ -75,9 +85,11 @@ for step in $steps; do
         policies128) ms="quant kcache kvcomp cake"; cs="131072"; lim=560 ;;
         policies128b) ms="streaming snapkv specache-cake"; cs="131072"; lim=560 ;;
         rows) ms=${ROWS_METHODS:?set ROWS_METHODS}; cs=${ROWS_CONTEXTS:?set ROWS_CONTEXTS}; lim=${ROWS_LIMIT:-300} ;;
+        graph_rows) ms="full-graph full-flash specache-graph"; cs=$all; lim=${ROWS_LIMIT:-540} ;;
+        graph_b8) ms="full-graph full-flash specache-graph"; cs="32768"; bs=8; lim=${ROWS_LIMIT:-420} ;;
       esac
       # shellcheck disable=SC2086
-      timeout $lim python bench/decode.py --methods $ms --contexts $cs --steps 6 --warmup 3 $fetch --profile-steps 1 \
+      timeout $lim python bench/decode.py --methods $ms --contexts $cs --batches $bs --steps 6 --warmup 3 $fetch --profile-steps 1 \
         --inner eager --no-plot >"$OUT/$step.log" 2>&1
       echo "$step: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{|^    +[0-9.]+ ms" "$OUT/$step.log" | cut -c1-300; decode_rows=1 ;;
     decode_x4)  # where the full cache runs out of memory: 4 x 127K (a power-of-two pinned block per store, 64 GiB)
@@ -112,7 +124,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: fused_tests fused_kernels graph_rows graph_b8 codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
@@ -121,5 +133,6 @@ if [ -n "${bg_accuracy:-}" ]; then
 fi
 # the rows (appended to the copies in the working tree the device received): back with the logs
 if [ -n "${decode_rows:-}" ]; then cp bench/results/decode.jsonl "$OUT/"; fi
-case " $steps " in *" kernels "*) cp bench/results/kernels.jsonl "$OUT/" ;; esac
+case " $steps " in *" kernels "*) kernel_rows=1 ;; esac
+if [ -n "${kernel_rows:-}" ]; then cp bench/results/kernels.jsonl "$OUT/"; fi
 ls "$OUT"

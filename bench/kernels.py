@@ -2,6 +2,7 @@
 
     python bench/kernels.py                                  # contexts 8K, 32K, 128K; bits 2 and 1; top-64
     python bench/kernels.py --contexts 32768 --bits 2        # one point
+    python bench/kernels.py --only-fused                     # fused_decode at 32K/128K x batch 1/8, bits 2/1
 
 Per context and bit width: lowbit_scores, top-k selection, lowbit_decode_attention, quantize_keys/values (over the
 whole context, as a prefill quantizes it), the top-k fetch from pinned host memory (zero-copy gather_rows, and the
@@ -14,6 +15,13 @@ on-device kernels and the pinned H2D peak for the fetch. Timing: triton.testing.
 launches) outlasts the GPU work, that figure is host time, so every row also has ``device_us`` (GPU time alone: L2
 flushed, launches queued behind a device sleep) and ``device_gbps`` / ``device_pct_of_peak`` from it. One JSON line
 per measurement to bench/results/kernels.jsonl (and $OUT).
+
+``fused_decode`` rows (``--fused-contexts`` x ``--fused-batches``, kernels/fused_ops.py): the op as the static path
+calls it per layer per speculative step (2 query rows, the speculative one ranked; top-k fetched rows; a window of
+the ring plus the speculative token; the model's bias over the capacity), its bytes those it must read (the low-bit
+copy's codes and scales, the full-precision columns, the bias, q), and beside it the unfused ops it replaces on the
+same inputs (``static_unfused_scores_select_attention``). ``--fused-sweep`` adds rows per launch shape (tile,
+warps, stages) at the first point.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from bench.common import env_fields, write_rows  # noqa: E402
 B, HQ, HKV, D = 1, 32, 8, 128  # Llama-3-8B attention layer, one sequence
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
+DEVICE = "cuda"  # (the fused rows' inputs; a CPU smoke run of bench_fused sets "cpu")
 
 
 def parse_args(argv=None):
@@ -44,6 +53,11 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=64, help="full-precision recent tokens on the device")
     ap.add_argument("--rep", type=int, default=100, help="do_bench time budget per measurement, ms")
     ap.add_argument("--out", default="kernels.jsonl", help="file name under bench/results/ (and $OUT)")
+    ap.add_argument("--fused-contexts", default="32768,131072", help="contexts of the fused_decode rows")
+    ap.add_argument("--fused-batches", default="1,8", help="batch sizes of the fused_decode rows")
+    ap.add_argument("--fused-sweep", default="64:4:2,32:4:2,64:8:2,64:4:3,32:8:3",
+                    help="launch shapes tile:warps:stages timed at the first fused point ('' for none)")
+    ap.add_argument("--only-fused", action="store_true", help="the peaks and the fused_decode rows only")
     return ap.parse_args(argv)
 
 
@@ -269,6 +283,98 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
     return s_t, sel_t, a_t
 
 
+@contextlib.contextmanager
+def _fused_launch(tile: int, warps: int, stages: int):
+    """kernels/fused_ops.py's launch shape set to (tile, warps, stages) for the duration (a sweep row)."""
+    from specache_compile.kernels import fused_ops
+
+    old = fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES
+    fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES = tile, warps, stages
+    try:
+        yield
+    finally:
+        fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES = old
+
+
+def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, g, sweep=()) -> None:
+    """fused_decode at one (context, batch, bits) as the static path calls it (see the module docstring), and the
+    three unfused ops it replaces on the same inputs."""
+    from specache_compile.kernels import ops
+    from specache_compile.kernels.attn_ops import select_topk
+
+    group, topk, sq = args.group, args.topk, 2
+    ring = args.window + group
+    cap = n + 64  # the capacity: the written positions plus a few steps
+    cq = -(-cap // group) * group
+    nq = (n - args.window) // group * group  # quantized tokens; the ring holds [nq, n)
+    scale = 1.0 / math.sqrt(D)
+    dev = dict(device=DEVICE)
+    kq, ks, kz = ops.quantize_keys(torch.randn(batch, HKV, cq, D, dtype=DTYPE, generator=g, **dev), bits, group)
+    vq, vs, vz = ops.quantize_values(torch.randn(batch, HKV, cq, D, dtype=DTYPE, generator=g, **dev), bits, group)
+    q = torch.randn(batch, HQ, sq, D, dtype=DTYPE, generator=g, **dev)
+    idx = torch.stack([torch.randperm(nq, generator=g, **dev)[:topk] for _ in range(batch * HKV)])
+    idx = idx.reshape(batch, HKV, topk)
+    k_f, v_f = (torch.randn(batch, HKV, topk, D, dtype=DTYPE, generator=g, **dev) for _ in range(2))
+    k_w, v_w = (torch.randn(batch, HKV, ring + 1, D, dtype=DTYPE, generator=g, **dev) for _ in range(2))
+    win_pos = torch.arange(nq, nq + ring + 1, **dev)
+    win_pos = torch.where(win_pos < n, win_pos, -1)
+    win_pos[-1] = n  # the speculative token
+    win_pos = win_pos.expand(batch, HKV, ring + 1)
+    bias = torch.zeros(batch, 1, sq, cap, dtype=DTYPE, **dev)
+    bias[..., n + 1 :] = float("-inf")  # positions not written yet
+    limit = torch.tensor(nq, **dev)
+    low = (kq, ks, kz, vq, vs, vz)
+
+    def fused():
+        return ops.fused_decode(q, *low, bits, group, 0, k_f, v_f, idx, k_w, v_w, win_pos, bias, limit, scale, sq - 1,
+                                topk)
+
+    # Bytes it must read: codes (K and V), key scale/zero per group, value scale/zero per token, the fetched and window
+    # columns with their positions, the bias (broadcast over heads: once), q; plus what it writes and reads back
+    # through memory: the ranking row's fp32 logits (Hq * nq * 4, written once, read once by the block top-k).
+    ngv = D // min(group, D)
+    lowbit = (2 * batch * HKV * nq * D * bits // 8 + 2 * batch * HKV * (nq // group) * D * ELEM
+              + 2 * batch * HKV * nq * ngv * ELEM)
+    cols = batch * HKV * (topk + ring + 1) * (2 * D * ELEM + 8)
+    must = lowbit + cols + bias.numel() * ELEM + q.numel() * ELEM
+    logits = 2 * batch * HQ * nq * 4
+    extra = dict(batch=batch, lowbit_bytes=lowbit, logits_roundtrip_bytes=logits)
+    _, dev_us = rec.time("fused_decode", n, bits, must, fused, d2d, args.rep)
+    rec.rows[-1].update(extra, device_gbps_with_logits=(must + logits) / (dev_us * 1e-6) / 1e9)
+    for name, rank_row, k, attend in (("fused_decode_attend_only", -1, 0, True),
+                                      ("fused_decode_rank_only", sq - 1, topk, False)):
+        def part(rank_row=rank_row, k=k, attend=attend):
+            return ops.fused_decode(q, *low, bits, group, 0, k_f, v_f, idx, k_w, v_w, win_pos, bias, limit, scale,
+                                    rank_row, k, attend)
+
+        rec.time(name, n, bits, must, part, d2d, args.rep)
+        rec.rows[-1].update(extra)
+    for tile, warps, stages in sweep:
+        with _fused_launch(tile, warps, stages):
+            rec.time(f"fused_decode[tile={tile},warps={warps},stages={stages}]", n, bits, must, fused, d2d, args.rep)
+        rec.rows[-1].update(extra)
+
+    # the unfused static path on the same inputs (specache_static._rank_rows + lowbit_decode_attention, with the
+    # cats of the columns it made a step): scores of the ranked row, selection, attention
+    # the ranking's biases, which the unfused path computed once a step for every layer (StepShared): outside
+    br = bias[..., sq - 1 : sq, :].float()
+    low_b = br + torch.where(torch.arange(cap, **dev) < nq, 0.0, float("-inf"))
+    col_b = br.expand(batch, HQ, 1, cap).gather(3, win_pos.clamp(min=0).repeat_interleave(HQ // HKV, 1).unsqueeze(2))
+    col_b = col_b + torch.where(win_pos >= 0, 0.0, float("-inf")).repeat_interleave(HQ // HKV, 1).unsqueeze(2)
+
+    def unfused():
+        qr = q[:, :, sq - 1 : sq]
+        low_logits = ops.lowbit_scores(qr, kq, ks, kz, bits, group, scale)[..., :cap] + low_b
+        col_logits = ops.attention_logits(qr, k_w, scale) + col_b
+        top = select_topk(low_logits[:, :, 0], col_logits[:, :, 0], HQ // HKV, topk)
+        out = ops.lowbit_decode_attention(q, *low, bits, group, 0, torch.cat([k_f, k_w], 2), torch.cat([v_f, v_w], 2),
+                                          torch.cat([idx, win_pos], 2), bias, scale)
+        return out, top
+
+    rec.time("static_unfused_scores_select_attention", n, bits, must, unfused, d2d, args.rep)
+    rec.rows[-1].update(extra)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -282,9 +388,16 @@ def main(argv=None) -> int:
                              pct_of_peak=100.0, peak_gbps=gbps, median_us=None, bytes=None))
     g = torch.Generator(device="cuda").manual_seed(0)
     paths = []
-    for n in [int(c) for c in args.contexts.split(",")]:
+    for n in [] if args.only_fused else [int(c) for c in args.contexts.split(",")]:
         paths += bench_context(args, rec, n, d2d, h2d, g)
         torch.cuda.empty_cache()
+    sweep = [tuple(int(x) for x in c.split(":")) for c in args.fused_sweep.split(",") if c]
+    for n in [int(c) for c in args.fused_contexts.split(",") if c]:
+        for batch in [int(b) for b in args.fused_batches.split(",")]:
+            for bits in [int(b) for b in args.bits.split(",")]:
+                bench_fused(args, rec, n, batch, bits, d2d, g, sweep)
+                sweep = ()  # the launch shapes at the first point only
+                torch.cuda.empty_cache()
     base = {(r["kernel"], r["context"]): r for r in rec.rows}
     for r in rec.rows:
         if r["kernel"] == "decode_path_scores_select_attention":
@@ -313,6 +426,13 @@ def main(argv=None) -> int:
               f"{f(r['device_pct_of_peak'], '.0f'):>5}")
     print(f"\n{'decode path, fetch excluded (dev us)':<38}{'context':>8}{'bits':>5}{'scores':>8}{'select':>8}"
           f"{'attn':>8}{'total':>8}{'SDPA':>8}{'eager':>8}")
+    fused = [r for r in rows if r["kernel"].startswith(("fused_decode", "static_unfused"))]
+    if fused:
+        print(f"\n{'fused_decode (dev us, % of HBM over the bytes it must read)':<62}{'batch':>6}{'ctx':>8}{'bits':>5}"
+              f"{'dev us':>9}{'%':>6}")
+        for r in fused:
+            print(f"{r['kernel']:<62}{r['batch']:>6}{r['context']:>8}{r['bits']:>5}{r['device_us']:>9.1f}"
+                  f"{r['device_pct_of_peak']:>6.1f}")
     for n, bits, (s_t, sel_t, a_t), sdpa in paths:
         em = base["eager_matmul_bf16_cache", n]["device_us"]
         total = s_t[1] + sel_t[1] + a_t[1]

@@ -215,3 +215,46 @@ def test_cuda_exact_attention_in_pieces_equals_one_call(monkeypatch):
     monkeypatch.setattr(attn_ops, "EXACT_MASK_ELEMS", b * s * 96)  # pieces of 96 query rows
     got = attn_ops.exact_attention(q, k, v, mask, False, d**-0.5)
     torch.testing.assert_close(got, want)  # bf16 tolerances: a piece may take another split of the keys
+
+
+# -- issue 18: the fused decode kernel on the static path, and the full-graph baseline's attention -------------------
+
+
+def test_cuda_static_path_runs_the_fused_kernel_and_equals_the_unfused_path():
+    """On CUDA the static path decodes through fused_decode's Triton kernel (st.fused) and, with a top-k covering the
+    context (every low-bit row substituted: exact attention either way), gives the unfused path's tokens and
+    bookkeeping, speculative and plain, graphed and eager."""
+    from specache_compile.policies import specache_static
+
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    for speculative, graphed in ((True, True), (False, False)):
+        outs, stats = [], []
+        for fused in ("never", "auto"):
+            torch._dynamo.reset()
+            specache_static.FUSED = fused
+            try:
+                m = twin(base)
+                specache.compile(m, topk=1024, window=64, group_size=64, inner="inductor",
+                                 policy_options={"static": True})
+                outs.append(_static_run(m, ids, 24, 800, speculative=speculative, cuda_graph=graphed))
+            finally:
+                specache_static.FUSED = "auto"
+            site = next(iter(specache.runtime_of(m).sites.values()))
+            assert site.tier["static"].fused == (fused == "auto")
+            stats.append(next(iter(specache.stats(m)["store"].values())))
+        assert torch.equal(outs[0], outs[1]), (speculative, graphed)
+        for key in ("length", "decode_steps", "prefetch_issued", "prefetch_consumed", "fetched_rows"):
+            assert stats[0][key] == stats[1][key], key
+
+
+def test_cuda_capacity_attention_equals_sdpa_over_the_written_rows():
+    """bench/decode.py's full-graph attention (flash over the capacity, the unwritten rows' share taken out through
+    the log-sum-exp) against SDPA over the written rows, bf16, GQA 4."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.decode import check_capacity_attention
+
+    assert check_capacity_attention(torch.device("cuda"), torch.bfloat16) < 1e-2
