@@ -46,7 +46,7 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 4096)
     runtime = rt.Runtime(config)
     runtime.adopt(list(model.parameters()))
-    runtime.param_names.update({id(p): n for n, p in model.named_parameters()})  # site names (graph breaks)
+    runtime.param_modules.update({id(p): attention_module(n) for n, p in model.named_parameters()})
     setattr(model, _ATTR, runtime)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "disable_compile"):
@@ -64,6 +64,13 @@ def _generate_checked(self, *args: Any, **kwargs: Any):
     out = type(self).generate(self, *args, **kwargs)
     runtime_of(self).check_deferred()
     return out
+
+
+def attention_module(param: str) -> str:
+    """The module an attention's parameter names it by (site names where Dynamo recorded no module stack): the
+    projection's parent, ``model.layers.0.self_attn`` for ``model.layers.0.self_attn.q_proj.weight``."""
+    parts = param.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else param
 
 
 def runtime_of(model: torch.nn.Module) -> rt.Runtime:

@@ -50,13 +50,13 @@ def specache_backend(
         runtime = rt.for_params(_params(example_inputs), config)
     real = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
 
-    def param_name(node: fx.Node) -> str | None:
+    def param_module(node: fx.Node) -> str | None:
         x = real.get(node)
         if not isinstance(x, torch.nn.Parameter):
             return None
-        return runtime.param_names.get(id(x)) or "attention"  # torch.compile path: no names (Runtime.owner_site)
+        return runtime.param_modules.get(id(x)) or "attention"  # torch.compile path: no names (Runtime.owner_site)
 
-    reports = rewrite(gm, runtime.handle, param_name)
+    reports = rewrite(gm, runtime.handle, param_module)
     for r in reports:
         runtime.graph_stats.setdefault(r.site, []).append(r)
     inner = _inner(runtime.config, example_inputs)

@@ -176,9 +176,8 @@ def _walk_back(node, pred, depth: int = 8) -> fx.Node | None:
         hit = pred(node)
         if hit is not False:
             return node if hit else None
-        # list arguments too: a softmax over torch.cat([scores, sink_logits]) leads back to its scores
-        nxt = [a for arg in node.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
-               if isinstance(a, fx.Node)]
+        # every input node, list arguments too: a softmax over torch.cat([scores, sink_logits]) leads to its scores
+        nxt = node.all_input_nodes
         if len(nxt) != 1:
             return next((f for f in (_walk_back(a, pred, depth - 1) for a in nxt) if f is not None), None)
         node = nxt[0]
@@ -309,11 +308,11 @@ def find(graph: fx.Graph) -> list[tuple[fx.Node, str, Match | Skip]]:
 # -- naming ---------------------------------------------------------------------------------------------------------
 
 
-def site_name(node: fx.Node, param_name=None) -> str:
+def site_name(node: fx.Node, param_module=None) -> str:
     """A name stable across the graphs of one model (prefill, decode, recompiles, graph breaks): the path of the
     innermost module the attention was traced in; where Dynamo recorded no module (a frame resumed after a graph
     break inside the attention's forward), the module owning the first parameter the attention's inputs come from
-    (``param_name`` maps a graph input to its parameter's name). "" if neither is known."""
+    (``param_module`` maps a graph input holding a parameter to that module's path). "" if neither is known."""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path = list(stack.values())[-1][0]
@@ -321,27 +320,24 @@ def site_name(node: fx.Node, param_name=None) -> str:
         # decorator that passes self on, as Bloom's), self.
         path = re.sub(r"^(L\[[^\]]*\](\[[^\]]*\])*\.?|self\.)", "", path)
         return path or "model"
-    owner = _owner(node, param_name)
-    if owner is not None:
-        parts = param_name(owner).split(".")
-        return ".".join(parts[:-2]) if len(parts) > 2 else ".".join(parts)
-    return ""
+    owner = _owner(node, param_module)
+    return param_module(owner) if owner is not None else ""
 
 
-def _owner(node: fx.Node, param_name) -> fx.Node | None:
+def _owner(node: fx.Node, param_module) -> fx.Node | None:
     """The graph input holding the nearest parameter the attention's inputs come from (q's projection), if any."""
-    if param_name is not None:
+    if param_module is not None:
         seen, todo = set(), [node]
         while todo:  # breadth first: the nearest parameter (q's projection) names the attention's module
             cur = todo.pop(0)
-            if not isinstance(cur, fx.Node) or cur in seen or len(seen) > 256:
+            if cur in seen or len(seen) > 256:
                 continue
             seen.add(cur)
             if cur.op == "placeholder":
-                if param_name(cur):
+                if param_module(cur):
                     return cur
                 continue
-            todo += [a for arg in cur.args for a in (arg if isinstance(arg, (list, tuple)) else (arg,))]
+            todo += cur.all_input_nodes
     return None
 
 
@@ -398,15 +394,15 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, handle: int, param_name=None) -> list[SiteReport]:
-    """Rewrite every attention of ``gm`` it can; returns a report per attention found. ``param_name`` maps a graph
-    input to the name of the parameter it holds (site names where Dynamo recorded no module stack)."""
+def rewrite(gm: fx.GraphModule, handle: int, param_module=None) -> list[SiteReport]:
+    """Rewrite every attention of ``gm`` it can; returns a report per attention found. ``param_module`` maps a graph
+    input holding a parameter to its attention module's path (site names where Dynamo recorded no module stack)."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     reports: list[SiteReport] = []
     seen: dict[str, int] = {}
     for node, kind, match in find(graph):
-        name = site_name(node, param_name) or "attention"
+        name = site_name(node, param_module) or "attention"
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}#{seen[name] - 1}"
@@ -433,7 +429,7 @@ def rewrite(gm: fx.GraphModule, handle: int, param_name=None) -> list[SiteReport
                             node.name, why)
             continue
         # no module stack: the graph may be shared by every layer, so the site is named at run time from its owner
-        owner = None if node.meta.get("nn_module_stack") else _owner(node, param_name)
+        owner = None if node.meta.get("nn_module_stack") else _owner(node, param_module)
         _apply(graph, match, ks, vs, handle, name, at, owner)
         counters["specache"]["attention_rewritten"] += 1
         reports.append(SiteReport(name, kind, "rewritten", mode="index" if ks.mode == INDEX else "append"))

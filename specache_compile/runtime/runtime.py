@@ -89,12 +89,10 @@ class Runtime:
         self.sites: dict[str, Site] = {}
         self.handle = next(_ids)
         self.graph_stats: dict[str, list] = {}  # site -> the pass's SiteReport for each graph the site appeared in
-        self._params: list[weakref.ref] = []
-        # id(parameter) -> its name in the model (specache.compile): names the site of an attention traced without
-        # Dynamo's module stack (a frame resumed after a graph break in the attention's forward)
-        self.param_names: dict[int, str] = {}
-        self._param_refs: dict[int, weakref.ref] = {}
-        self._ptr_names: dict[int, str] = {}
+        # id(parameter) -> the path of the attention module it belongs to (specache.compile, api.attention_module):
+        # names the site of an attention traced without Dynamo's module stack (a frame resumed after a graph break in
+        # the attention's forward); _owner_names: the same by storage address, and the names given so far
+        self.param_modules: dict[int, str] = {}
         self._owner_names: dict[int, str] = {}
         self.streams = Streams()
         self.capacity_hint = 0  # tokens the next sequence will reach (specache.generate sets it): one allocation
@@ -111,7 +109,6 @@ class Runtime:
     def adopt(self, params: list[torch.Tensor]) -> None:
         for p in params:
             _BY_PARAM[p] = self
-            self._param_refs[id(p)] = weakref.ref(p)
 
     # -- the op ---------------------------------------------------------------------------------------------------
     def attend(
@@ -340,28 +337,21 @@ class Runtime:
 
     def owner_site(self, owner: torch.Tensor, traced: str) -> str:
         """The site of an attention whose graph is shared by every layer (traced in a resumed frame): named from the
-        parameter ``owner`` of its module, found by storage (the names specache.compile recorded), else by address.
-        The report of the traced graph is filed under that name too."""
+        parameter ``owner`` of its module, found by storage (the op may be handed another tensor object over the same
+        parameter) among this runtime's parameters, else by address. The report of the traced graph is filed under
+        that name too."""
         ptr = owner.data_ptr()
         name = self._owner_names.get(ptr)
         if name is None:
-            if not self._ptr_names:
-                self._ptr_names = {p.data_ptr(): n for p, n in self._named_params() if p is not None}
-            full = self._ptr_names.get(ptr)
-            parts = full.split(".") if full else []
-            if len(parts) > 2:
-                name = ".".join(parts[:-2])
-            elif traced not in self._owner_names.values():
-                name = traced  # no names (torch.compile path): the first owner is the one the graph was traced with
-            else:
-                name = f"{traced}@{ptr:x}"
+            name = next((self.param_modules[id(p)] for p, rt in _BY_PARAM.items()
+                         if rt is self and id(p) in self.param_modules and p.data_ptr() == ptr), None)
+            if name is None:
+                # no names (torch.compile path): the first owner is the one the graph was traced with
+                name = traced if traced not in self._owner_names.values() else f"{traced}@{ptr:x}"
             self._owner_names[ptr] = name
         if name != traced and traced in self.graph_stats and name not in self.graph_stats:
             self.graph_stats[name] = list(self.graph_stats[traced])
         return name
-
-    def _named_params(self):
-        return [(r(), self.param_names.get(pid, "")) for pid, r in self._param_refs.items()]
 
     # -- following the model's cache ------------------------------------------------------------------------------
     def token(self, site_name: str) -> torch.Tensor:
