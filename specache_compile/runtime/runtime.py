@@ -182,7 +182,7 @@ class Runtime:
             self._check_buffer(site, cache)
             if write_pos.device.type == "cpu" and not speculating:
                 # positions on the host cost no sync: follow a rewind (a draft model re-decoding) now, not later
-                self._follow_positions(site, write_pos, sn)
+                self._follow_start(site, self._read_positions(site_name, write_pos, sn))
             if getattr(self.policy, "static", False):
                 return self._attend_static(site, q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop,
                                            scale, n_real, speculating)
@@ -193,13 +193,7 @@ class Runtime:
             self._defer_position_check(site_name, write_pos, start, sn)
         else:
             # NOTE: reading the write positions to the host syncs with the device: prefill only.
-            pos = write_pos.reshape(-1).to("cpu")
-            start = int(pos[0])
-            if pos.numel() != sn or not torch.equal(pos, torch.arange(start, start + sn)):
-                raise CacheMismatch(
-                    f"specache: site {site_name} writes positions {pos.tolist()[:8]}...; expected {sn} consecutive "
-                    "positions. Fix: write the cache in order (cache_position = arange(past, past + n))."
-                )
+            start = self._read_positions(site_name, write_pos, sn)
             if start == 0 or site is None:
                 if start != 0:
                     raise CacheMismatch(
@@ -209,13 +203,7 @@ class Runtime:
                 site = self._reset(site_name, site, k_new, v_new)
             else:
                 self._check_buffer(site, cache)
-                if start < site.length:  # the cache was cropped (assisted decoding) or rewound
-                    self.rewrite_history(site, start, None, f"rewound to position {start}")
-                elif start > site.length:
-                    raise CacheMismatch(
-                        f"specache: site {site_name} writes at position {start} but its store holds {site.length} "
-                        "tokens; expected at most the next position. Fix: write the cache in order from position 0."
-                    )
+                self._follow_start(site, start)
             if start == 0:
                 site.buffer_ptr = cache.data_ptr() if cache is not None else 0
             first = 0
@@ -462,17 +450,27 @@ class Runtime:
                 "copy. Fix: use a DynamicCache (the default) for beam search and cache copies."
             )
 
-    def _follow_positions(self, site: Site, write_pos: torch.Tensor, n: int) -> None:
-        pos = write_pos.reshape(-1)
+    @staticmethod
+    def _read_positions(site_name: str, write_pos: torch.Tensor, n: int) -> int:
+        """The first of the ``n`` consecutive positions an index-mode cache writes (read on the host)."""
+        pos = write_pos.reshape(-1).to("cpu")
         start = int(pos[0])
         if pos.numel() != n or not torch.equal(pos, torch.arange(start, start + n)):
-            raise CacheMismatch(f"specache: site {site.name} writes positions {pos.tolist()[:8]}; expected {n} "
-                                "consecutive positions. Fix: cache_position = arange(past, past + n).")
+            raise CacheMismatch(
+                f"specache: site {site_name} writes positions {pos.tolist()[:8]}...; expected {n} consecutive "
+                "positions. Fix: write the cache in order (cache_position = arange(past, past + n))."
+            )
+        return start
+
+    def _follow_start(self, site: Site, start: int) -> None:
+        """An index-mode write at ``start``: the next position, or earlier (a crop or a rewind: followed)."""
         if start < site.length:
             self.rewrite_history(site, start, None, f"rewound to position {start}")
         elif start > site.length:
-            raise CacheMismatch(f"specache: site {site.name} writes at position {start} but its store holds "
-                                f"{site.length} tokens; expected at most the next position. Fix: write in order.")
+            raise CacheMismatch(
+                f"specache: site {site.name} writes at position {start} but its store holds {site.length} "
+                "tokens; expected at most the next position. Fix: write the cache in order from position 0."
+            )
 
     # -- speculative decoding and deferred checks -----------------------------------------------------------------
     @contextlib.contextmanager
