@@ -120,8 +120,9 @@ class SpeCachePolicy(Policy):
         self._cands[site.name] = max(0, view.hi - self.window - self.sinks)
         self._topk = None  # re-allocated at the next decode step, once every layer has its preference
 
-    def _fit_slots(self, site, n_cand: int) -> None:
-        """Grow the fetch slots (doubling, up to the top-k) when the candidates outgrow them."""
+    def fit_slots(self, site, n_cand: int) -> None:
+        """Grow the fetch slots (doubling, up to this site's top-k) when ``n_cand`` rows outgrow them: the one place
+        slots grow, for a sequence longer than first thought and for a CAKE budget above Config.topk alike."""
         need = min(self.topk_of(site), n_cand)
         rows = site.tier["prefetch"].rows
         if rows < need:
@@ -140,11 +141,7 @@ class SpeCachePolicy(Policy):
             caps = [max(1, self._cands.get(n, 1 << 30)) for n in names]
             budgets = cake.allocate_budgets([self._prefs[n] for n in names], self.topk * len(names), caps)
             self._topk = dict(zip(names, budgets))
-        k = max(1, self._topk.get(site.name, self.topk))
-        if site.tier["prefetch"].rows < k:  # first decode step of a larger budget: grow this layer's slots once
-            site.tier["prefetch"].cancel()
-            _new_prefetch(site, k)
-        return k
+        return max(1, self._topk.get(site.name, self.topk))
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
@@ -166,7 +163,7 @@ class SpeCachePolicy(Policy):
         t["sink_v"] = Growable((b, h), (dv,), site.dtype, dev)
         # Fetched rows land in two slots of topk rows per KV head (never more than the sequence can hold: a top-k
         # of 10**6 meant "fetch everything"), allocated once per sequence when its capacity is known, else grown
-        # with the candidates (_fit_slots): the stream manager fills one (next step's prefetch) while attention reads
+        # with the candidates (fit_slots): the stream manager fills one (next step's prefetch) while attention reads
         # the other. On-demand fetches use the free one.
         _new_prefetch(site, max(1, min(self.topk, site.capacity or _FIRST_SLOT_ROWS)))
         t["hits"] = torch.zeros((), dtype=torch.int64, device=dev)  # sampled prefetch hits (device counters)
@@ -237,7 +234,7 @@ class SpeCachePolicy(Policy):
         low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
         c_lo = max(lo, min(self.sinks, qhi))  # top-k candidates: [c_lo, qhi), outside sinks and window
         n_cand = qhi - c_lo
-        self._fit_slots(site, n_cand)
+        self.fit_slots(site, n_cand)
         topk = self.topk_of(site)
         if n_cand <= topk:
             # topk covers every candidate: fetch them all, the attention is exact.
@@ -274,7 +271,7 @@ class SpeCachePolicy(Policy):
         b, hq, r = q_rows.shape[:3]
         hkv = site.heads
         n_cand = qhi - c_lo
-        self._fit_slots(site, n_cand)
+        self.fit_slots(site, n_cand)
         logits = torch.cat([low_logits, ops.attention_logits(q_rows, k_cols, scale)], dim=-1)
         if bias_rows is not None:
             logits = logits + bias_rows
@@ -305,7 +302,7 @@ class SpeCachePolicy(Policy):
         low = [t[n].view() for n in ("kq", "ks", "kz", "vq", "vs", "vz")]
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
-        self._fit_slots(site, n_cand)
+        self.fit_slots(site, n_cand)
         sinks = c_lo > lo
         if n_cand <= self.topk_of(site):
             # every candidate fits: fetch them all now (exact attention); nothing to predict
@@ -387,7 +384,7 @@ class SpeCachePolicy(Policy):
         # Rank candidates [c_lo, qhi): low-bit scores, softmax over every attended column.
         c_lo = max(lo, min(self.sinks, qhi))
         n_cand = qhi - c_lo
-        self._fit_slots(site, n_cand)
+        self.fit_slots(site, n_cand)
         topk = self.topk_of(site)
         k_cols = torch.cat([k_low, k_win], dim=2)
         v_cols = torch.cat([v_low, v_win], dim=2)

@@ -165,6 +165,7 @@ class StaticState:
         # constants, allocated once (a graph replays their addresses)
         t["s_cols"] = torch.arange(capacity, **z)
         t["s_ring_rows"] = torch.arange(self.ring, **z)
+        policy.fit_slots(site, self.topk)
         pf = t["prefetch"]
         pf.slots_k.zero_()  # a slot row nobody fetched into is attended with weight 0: it must not hold a NaN
         pf.slots_v.zero_()
