@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from hf_models import build, twin  # noqa: E402
 
 import specache  # noqa: E402
+from specache_compile.generate import cache_keyword  # noqa: E402
 
 
 def rss() -> int:
@@ -51,6 +52,7 @@ def main() -> None:
               for r in refs]
     ids = torch.randint(2, 128, (1, 32), generator=torch.Generator().manual_seed(0)).to(dev)
     state = []
+    kw = cache_keyword(refs[0])  # transformers is renaming past_key_values to cache
     for m in [*models, *refs]:
         out = m(input_ids=ids, use_cache=True)
         state.append([out.past_key_values, out.logits[:, -1:].argmax(-1)])
@@ -59,7 +61,7 @@ def main() -> None:
     for step in range(args.steps):
         for i, m in enumerate([*models, *refs]):  # the two compiled models interleaved, then their references
             cache, tok = state[i]
-            out = m(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = m(input_ids=tok, **{kw: cache}, use_cache=True)
             state[i] = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
         for j in range(2):  # each compiled model against its own unmodified copy (teacher forced on its tokens)
             if not torch.equal(state[j][1], state[2 + j][1]):
