@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from interpreted import run_interpreted
 from numerics import LOWP_FACTOR, norm_err
+from test_triton_attn import _keys
 
 from specache_compile.kernels import attn_ops as ao
 from specache_compile.kernels import ops
@@ -50,8 +51,7 @@ def make_inputs(b, hkv, rep, sq, d, length, group, bits, dtype, n_fp, n_win, see
     hq, dv = hkv * rep, dv or d
     nq = (-(-length // group) + 1) * group  # one group more than the tokens: rows past the limit hold data too
     q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
-    keys = torch.randn(b, hkv, nq, d, generator=g) * (1.0 + 4.0 * (torch.arange(d) % 13 == 2))  # outlier channels
-    kq, ks, kz = ref.quantize_keys(keys.to(dtype), bits, group)
+    kq, ks, kz = ref.quantize_keys(_keys(b, hkv, nq, d, g).to(dtype), bits, group)  # with outlier channels
     vq, vs, vz = ref.quantize_values(torch.randn(b, hkv, nq, dv, generator=g).to(dtype), bits, group)
     fp_pos = torch.stack([torch.randperm(length, generator=g)[:n_fp] for _ in range(b * hkv)]).reshape(b, hkv, -1)
     fp_pos = torch.cat([fp_pos, torch.full((b, hkv, n_fp - fp_pos.shape[-1]), -1)], dim=2)
