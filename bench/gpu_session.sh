@@ -59,8 +59,15 @@ for step in $steps; do
     fused_tests)
       pytest_gpu gpu_fused 240 tests/kernels/test_fused_decode.py tests/test_gpu.py -k "kernel_cuda or fused or capacity or static or graph" ;;
     fused_kernels)
-      timeout 200 python bench/kernels.py --only-fused --rep 30 >"$OUT/kernels_fused.log" 2>&1
-      echo "fused_kernels: rc=$?"; tail -30 "$OUT/kernels_fused.log"; kernel_rows=1 ;;
+      timeout 200 python bench/kernels.py --only-fused --fused-sweep "" --rep 30 >"$OUT/kernels_fused.log" 2>&1
+      echo "fused_kernels: rc=$?"; tail -30 "$OUT/kernels_fused.log"; kernel_rows=1
+      # the launch-shape sweep at 32K batch 1, 2 bits: one shape a process (a fault ends only its own row), the
+      # kernel launches synchronous so a fault names its kernel
+      for shape in 32:4:2 64:8:2 64:4:3; do
+        CUDA_LAUNCH_BLOCKING=1 timeout 60 python bench/kernels.py --only-fused --sweep-only --fused-sweep "$shape" \
+          --fused-contexts 32768 --fused-batches 1 --bits 2 --rep 30 >>"$OUT/kernels_sweep.log" 2>&1
+        echo "sweep $shape: rc=$?"
+      done ;;
     codec_tests)  # the KVComp host codec's GPU tests (pinned and pageable payloads)
       pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call

@@ -58,6 +58,9 @@ def parse_args(argv=None):
     ap.add_argument("--fused-sweep", default="64:4:2,32:4:2,64:8:2,64:4:3,32:8:3",
                     help="launch shapes tile:warps:stages timed at the first fused point ('' for none)")
     ap.add_argument("--only-fused", action="store_true", help="the peaks and the fused_decode rows only")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="with --only-fused: the launch-shape rows alone (one shape a process: a shape that faults "
+                         "leaves the CUDA context unusable, so bench/gpu_session.sh runs each in its own)")
     return ap.parse_args(argv)
 
 
@@ -339,6 +342,12 @@ def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, 
     must = lowbit + cols + bias.numel() * ELEM + q.numel() * ELEM
     logits = 2 * batch * HQ * nq * 4
     extra = dict(batch=batch, lowbit_bytes=lowbit, logits_roundtrip_bytes=logits)
+    for tile, warps, stages in sweep:
+        with _fused_launch(tile, warps, stages):
+            rec.time(f"fused_decode[tile={tile},warps={warps},stages={stages}]", n, bits, must, fused, d2d, args.rep)
+        rec.rows[-1].update(extra)
+    if args.sweep_only:
+        return
     _, dev_us = rec.time("fused_decode", n, bits, must, fused, d2d, args.rep)
     rec.rows[-1].update(extra, device_gbps_with_logits=(must + logits) / (dev_us * 1e-6) / 1e9)
     for name, rank_row, k, attend in (("fused_decode_attend_only", -1, 0, True),
@@ -348,10 +357,6 @@ def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, 
                                     rank_row, k, attend)
 
         rec.time(name, n, bits, must, part, d2d, args.rep)
-        rec.rows[-1].update(extra)
-    for tile, warps, stages in sweep:
-        with _fused_launch(tile, warps, stages):
-            rec.time(f"fused_decode[tile={tile},warps={warps},stages={stages}]", n, bits, must, fused, d2d, args.rep)
         rec.rows[-1].update(extra)
 
     # the unfused static path on the same inputs (specache_static._rank_rows + lowbit_decode_attention, with the
@@ -395,6 +400,8 @@ def main(argv=None) -> int:
     for n in [int(c) for c in args.fused_contexts.split(",") if c]:
         for batch in [int(b) for b in args.fused_batches.split(",")]:
             for bits in [int(b) for b in args.bits.split(",")]:
+                if args.sweep_only and not sweep:
+                    break
                 bench_fused(args, rec, n, batch, bits, d2d, g, sweep)
                 sweep = ()  # the launch shapes at the first point only
                 torch.cuda.empty_cache()
