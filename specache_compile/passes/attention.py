@@ -507,6 +507,9 @@ def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, n
         cache = ks.base if ks.base.op in ("placeholder", "get_attr") else None
     else:
         cache = ks.past if ev(ks.past) is not None and ev(ks.past).dim() == 4 else None
+    # who else holds each cache tensor, taken before any node is added: the op's own length input may read the same
+    # tensor's size (a sym_size under dynamic shapes), and must keep reading the tensor, not its placeholder
+    readers = {id(src): _cache_readers(src, m) if src.base.op == "call_function" else [] for src in (ks, vs)}
     with graph.inserting_before(at):
         base_len = _base_len(graph, ks)
         call = graph.call_function(
@@ -534,7 +537,7 @@ def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, n
         # The cache tensor itself (the cat, or a buffer the graph allocated) becomes a placeholder expanded from the
         # site's token for whatever else holds it (the cache object, through the graph's outputs).
         if base.op == "call_function":
-            others = _cache_readers(src, m)
+            others = readers[id(src)]
             if others:
                 with graph.inserting_before(at):
                     seq = _size(graph, base, 2) if src.mode == INDEX else _base_len(graph, src)

@@ -264,6 +264,19 @@ def test_hf_generate_with_a_static_cache_takes_the_static_path():
     assert "static" in site.tier and int(site.tier["s_n"]) == site.length == 60 + 9
 
 
+def test_hf_generate_static_calls_of_new_lengths():
+    """Calls of other prompt lengths and max_new_tokens grow transformers' StaticCache and make Dynamo retrace with
+    dynamic sizes: the pass must still place the op's length input before the cache's placeholder (it read its own
+    placeholder, and the graph failed to compile), and every call equals the unmodified model."""
+    base = hf_models.build("llama", layers=2)
+    m = _compile(base, topk=128)
+    for s, n in ((40, 6), (50, 8), (45, 12), (33, 5)):
+        ids = torch.randint(3, base.config.vocab_size, (1, s), generator=torch.Generator().manual_seed(s))
+        ref = base.generate(ids, max_new_tokens=n, do_sample=False)
+        out = m.generate(ids, max_new_tokens=n, do_sample=False, cache_implementation="static")
+        assert torch.equal(out, ref), (s, n)
+
+
 
 @pytest.mark.slow  # two compiles, float64, exact attention beside every step: ~5 s on 2 cores
 def test_static_path_measures_the_same_attention_error():
