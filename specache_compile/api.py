@@ -14,6 +14,9 @@ from .policies import registered
 from .runtime import runtime as rt
 
 _ATTR = "_specache_runtime"
+# set by reset(): the store is empty, so compiling the module again (another config) stores nothing twice; the new
+# compile replaces the old runtime (its parameters, its compiled call and generate are rebound to the new one)
+_RESET = "_specache_reset"
 
 
 def compile(model: torch.nn.Module, config: Config | None = None, **overrides: Any) -> torch.nn.Module:  # noqa: A001
@@ -32,12 +35,13 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
             "specache.compile: expected an uncompiled module, got the result of torch.compile; "
             "fix: pass the original module, or use torch.compile(module, backend='specache') instead"
         )
-    if getattr(model, _ATTR, None) is not None:
+    if getattr(model, _ATTR, None) is not None and not getattr(model, _RESET, False):
         raise ValueError(
             "specache.compile: this module is already compiled by specache (applying it twice would store the KV "
-            "twice); fix: compile the original module once, or call specache.reset(model) to clear its KV store"
+            "twice); fix: compile the original module once, or call specache.reset(model) first to drop its KV store "
+            "and compile it again"
         )
-    config = with_overrides(config, overrides)
+    config = _checked(with_overrides(config, overrides))
     # Every model compiled in a process adds graphs (prefill, decode, speculative steps) to the same transformers code
     # objects, and Dynamo's recompile limit is per code object: past it, the model would run without specache's
     # graph, over its placeholder cache. Room for a few dozen models (specache.generate refuses if it still happens).
@@ -48,14 +52,62 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     runtime.adopt(list(model.parameters()))
     runtime.param_modules.update({id(p): attention_module(n) for n, p in model.named_parameters()})
     setattr(model, _ATTR, runtime)
+    setattr(model, _RESET, False)
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "disable_compile"):
         gen.disable_compile = True
     model.compile(backend=functools.partial(specache_backend, runtime=runtime), dynamic=None)
+    model._compiled_call_impl = _inference_only(model._compiled_call_impl)
     if callable(getattr(type(model), "generate", None)):
         # this instance only (transformers' class is not patched); a bound method, so a copy of the model binds its own
         model.generate = types.MethodType(_generate_checked, model)
     return model
+
+
+def _inference_only(call):
+    """``call`` (the module's compiled call), whose outputs refuse ``backward()`` with the fix. specache's KV ops have
+    no backward; torch would fail inside them with "no autograd formula", far from the cause. A module in training
+    mode still compiles and runs forward (dropout's attention is left alone); only a backward through it is refused."""
+
+    def run(*args: Any, **kwargs: Any):
+        out = call(*args, **kwargs)
+        if torch.is_grad_enabled():  # generate, no_grad and inference_mode skip this
+            for leaf in torch.utils._pytree.tree_leaves(out):
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    leaf.register_hook(_refuse_backward)
+        return out
+
+    return run
+
+
+def _refuse_backward(grad: torch.Tensor):
+    raise RuntimeError(
+        "specache: expected inference, got backward() through a model compiled by specache (its KV ops have no "
+        "backward). Fix: generate under torch.no_grad() or torch.inference_mode() (model.eval() for dropout), and "
+        "train the module before specache.compile"
+    )
+
+
+def backend(config: Config | None = None, **overrides: Any):
+    """The specache backend with these options, validated now rather than at the first call:
+    ``torch.compile(model, backend=specache_compile.api.backend(policy="kcache", topk=128))``.
+
+    ``torch.compile(model, backend="specache", options={...})`` works too, but torch hands those options to the backend
+    only when it compiles the first graph, so a bad one surfaces there, wrapped in ``BackendCompilerFailed``.
+    """
+    config = _checked(with_overrides(config, overrides))
+    registered()[config.policy].from_config(config)  # the policy's own options (policy_options) are checked here
+    return functools.partial(specache_backend, config=config)
+
+
+def _checked(config: Config) -> Config:
+    """What compiling refuses beyond Config's own checks (Config admits topk=0, a legal size in itself)."""
+    if config.topk < 1:
+        raise ValueError(
+            f"specache: expected topk >= 1 (full-precision rows fetched per KV head per step), got topk={config.topk}; "
+            "fix: leave it at the default (64) or pass a positive count; for no fetch at all use policy='quant'"
+        )
+    return config
 
 
 def _generate_checked(self, *args: Any, **kwargs: Any):
@@ -138,9 +190,11 @@ def attention_error(model: torch.nn.Module) -> dict[str, dict[str, float]]:
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget every stored token (the next call must start a new sequence)."""
+    """Forget every stored token (the next call must start a new sequence). The model stays compiled; it may also be
+    compiled again, with another config (``specache.compile(model, policy="full")``), which replaces this runtime."""
     runtime = runtime_of(model)
     runtime.sites.clear()
+    setattr(model, _RESET, True)
 
 
 def policies() -> list[str]:
