@@ -12,11 +12,10 @@ fetch time. Methods:
 - ``full``: the model with a StaticCache on the GPU, decode compiled with torch.compile (default mode), prefill eager;
 - ``full-packed``: the same, with a decode step's GQA query heads packed as rows of their KV head for SDPA instead of
   transformers' ``repeat_kv`` of the cache (which makes SDPA read the KV ``Hq / Hkv`` times: 1467 vs 195 us a layer
-  at 128K in bench/kernels.py). Measured at 2fba97f: slower than ``full`` (91 vs 79 ms at 128K);
+  at 128K in bench/kernels.py); its rows in bench/results/decode.jsonl are slower than ``full``'s;
 - ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
-  ``enable_gqa``), so SDPA may take its flash kernel. Measured at 564316c: 7.0 / 8.0 / 12.2 ms of GPU time a step at
-  8K / 32K / 128K, with a host-bound step of 72-79 ms (SDPA took cuDNN); kept off cuDNN since: 25.3 / 23.1 / 20.5 ms
-  a step, 7.2 / 8.3 / 12.6 ms of GPU time (3798174);
+  ``enable_gqa``), so SDPA may take its flash kernel (kept off cuDNN: see the attention function below); its step
+  is host-bound (an eager loop), its GPU time is the flash kernel's;
 - ``full-graph``: the full cache at its best, the opponent of ``specache-graph``: every decode step one replay of a
   CUDA graph (captured once over the compiled step), whose attention is the flash kernel over the StaticCache's
   capacity with GQA left to it (no mask, no ``repeat_kv``) and the unwritten rows' share taken out exactly through
@@ -129,8 +128,8 @@ def _exact_len_attention(module, query, key, value, attention_mask, dropout=0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1  # a Python bool (the shapes are symbolic under dynamic=True)
-    # not cuDNN: on the H100 (564316c) SDPA took it, and it spent 10 ms of host time per call, a new plan for every
-    # kv_len (bench/results/decode_3da8322/host_profile_full-flash_8192x1.txt), which made the step 6-10x its GPU time
+    # not cuDNN: SDPA takes it here and builds a new plan for every kv_len, ~10 ms of host time a call
+    # (bench/results/decode_3da8322/host_profile_full-flash_8192x1.txt), which makes the step 6-10x its GPU time
     with sdpa_kernel(_NOT_CUDNN):
         out = torch.nn.functional.scaled_dot_product_attention(query, key[:, :, :kv_len], value[:, :, :kv_len],
                                                                scale=scaling, enable_gqa=gqa)
@@ -512,7 +511,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
     if "p" in prof:
         # self time only: with --host-profile the CPU ops are recorded too, and an op's device_time_total holds its
         # children's kernels (aten::linear holds aten::mm's), so summing totals would count a kernel once per
-        # enclosing op (with CUDA activity alone, as in rows before 2888e64, the two sums agree)
+        # enclosing op (with CUDA activity alone recorded, the two sums agree)
         busy_us = sum(e.self_device_time_total for e in prof["p"].key_averages() if e.key != "ProfilerStep*")
         row["gpu_busy_ms"] = busy_us / 1e3 / args.profile_steps
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof["p"].events()

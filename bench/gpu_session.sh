@@ -18,22 +18,8 @@
 #       the GPU idle: run it beside the GPU tests, never beside a timed step), waited for at the end
 #
 # A device command runs 10 minutes at most: pass the steps that fit one call (the limits below add up to it).
-# Measured at 2fba97f (one session, 6 calls): `accuracy_bg static tests` 549 s (test_gpu.py's 8 non-static tests take
-# 196 s, so the tests step has 480 s; 14 of the 15 accuracy specs finished 1K-8K in 540 s, the KVComp host codec
-# stopped at 4K); full + specache-graph at 8K/32K/128K 370 s (full's first row compiles for 106 s); full at 130048x4
-# runs out of memory in ~60 s; specache-graph at 130048x4 203 s (prefill 202 s); `kernels` ~85 s; full-packed at
-# 128K and 8K 115 s. Earlier rows: hf-offloaded 6/16/85 s at 8K/32K/128K, specache 72-76 s at 8K/32K and 195 s at 128K.
-# Session 6 (564316c), first machine: `baselines offloaded` 458 s, `dynamic noprefetch` 302 s, `noprefetch128 graph
-# graph1` 532 s (graph1 then ran 32K and 128K: cut at 200 s after 32K), `policies` cut at 420 s before its last
-# method. Second machine (3da8322): `full2 graph1` ~360 s (full's compile 86 s, specache-graph:bits=1 at 128K 150 s),
-# `codec` needs ~290 s at 32K (prefill 207 s; cut at 150 s once), `policies128` 151 s: kcache decoded, quant, kvcomp,
-# cake ran out of memory in the one-call prefill (fixed in 47ada3e, exact_attention in pieces), as did streaming and
-# snapkv; specache-cake at 128K ~200 s.
-# Session 7: `exact full2` + quant kcache at 128K 374 s; kvcomp cake streaming snapkv at 128K 272 s (prefill 45-54 s
-# each); `accuracy_bg static tests` ran past 600 s (static 162 s, the tests beside 15 accuracy processes) and lost the
-# accuracy tarball: `accuracy_bg tests` with ACC_LIMIT=495 took 504 s (all 15 specs 1K-8K). Second machine: the GPU
-# host codec at 32K + 128K 224 s with its tests; `baselines` 314 s; `graph` ~200 s; the host codec's accuracy grid
-# alone 274 s. Keep the static tests out of the accuracy call.
+# Each step's time limit is what its runs took, with room: bench/results/gpu_session_timings.md keeps the
+# measurements behind them (add a line there when a step is re-measured or cut).
 #
 # Every GPU row written is labelled with $SPECACHE_GIT_SHA (the device copy's .git may be stale): export it first,
 #   export SPECACHE_GIT_SHA=$(git rev-parse --short HEAD)   # on this machine, pasted into the device command
@@ -105,7 +91,7 @@ for step in $steps; do
       timeout 300 python bench/decode.py --methods specache-graph --contexts 130048 --batches 4 --extra --steps 6 \
         --warmup 3 --timed-fetch 0 --profile-steps 1 --inner eager --no-plot >>"$OUT/decode_x4.log" 2>&1
       echo "decode_x4: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_x4.log" | cut -c1-300; decode_rows=1 ;;
-    decode_packed)  # the full cache with GQA heads packed (no repeat_kv): slower than full at 2fba97f
+    decode_packed)  # the full cache with GQA heads packed (no repeat_kv): compare it with full in decode.jsonl
       timeout 300 python bench/decode.py --methods full-packed --contexts 8192 32768 131072 --extra \
         --steps 8 --warmup 3 --timed-fetch 0 --profile-steps 1 --no-plot >"$OUT/decode_packed.log" 2>&1
       echo "decode_packed: rc=$?"; grep -E "^\S+ [0-9]+ [0-9]+ \{" "$OUT/decode_packed.log" | cut -c1-300; decode_rows=1 ;;

@@ -80,7 +80,7 @@ def device_us(fn, n: int = 30) -> float:
     of the start event, so every launch of fn is queued before the GPU reaches it (launch gaps vanish)."""
     global _FLUSH
     if _FLUSH is None:
-        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
+        _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the L2 of an H100/H200 (50-60 MB)
     fn()
     torch.cuda.synchronize()
     events = []
@@ -253,8 +253,8 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
 
     rec.time("select_fused_two_pass", n, bits, 2 * B * HQ * nq * 4,
              lambda: select_topk(scores.reshape(B, HQ, nq), extra, HQ // HKV, args.topk), d2d, args.rep)
-    # the piece sizes before 6059240 (8192 columns per row-stats program, top-k blocks of up to 2048 positions):
-    # measured side by side with the current ones, since the change was made without a GPU
+    # larger pieces (8192 columns per row-stats program, top-k blocks of up to 2048 positions) side by side with the
+    # current ones: the row that shows the smaller pieces pay
     with _tuned(_SELECT_COLS_PER_PART=8192, _SELECT_MAX_CANDIDATES=args.topk):
         rec.time("select_fused_two_pass[cols=8192,block=2048]", n, bits, 2 * B * HQ * nq * 4,
                  lambda: select_topk(scores.reshape(B, HQ, nq), extra, HQ // HKV, args.topk), d2d, args.rep)

@@ -184,7 +184,7 @@ def test_cuda_store_writes_and_reads_do_not_wait_for_the_gpu():
     g.write(1000, one)  # the scatter kernel's first launch compiles: before the timed part
     g.read(0, 8, torch.device("cuda"))
     torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of device time at H100 clocks
+    torch.cuda._sleep(int(2e9))  # ~1 s of device time at 1.98 GHz (H100/H200 clocks)
     g.write(1001, one)
     paths = [quant_ops.WRITE_PATH]
     g.write(1002, many)

@@ -1,5 +1,5 @@
 """The exact multi-query attention (kernels/attn_ops.exact_attention) over pieces of the query rows when an explicit
-mask is large: the H100 ran out of memory in the one-call 128K prefill of the policies that keep no full-precision KV
+mask is large: a GPU runs out of memory in the one-call 128K prefill of the policies that keep no full-precision KV
 (SDPA took the [1, 1, S, S] boolean mask as a 32 GiB bf16 bias)."""
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def test_defaults_fewer_device_bytes_than_full(llama):
     assert 0 < kv["device"] < full_dev, (kv, full_dev)
 
 
-# -- GPU (the lent H100): the project's trained model, bf16 -----------------------------------------------------------
+# -- GPU: the project's trained model, bf16 -----------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -73,7 +73,7 @@ def quantize_keys_kernel(
     # k: [B, H, S, D] any strides; packed: [B, H, S, D*BITS//8]; scale, zero: [B, H, S//GROUP, D], last dims dense.
     # grid (S // GROUP, H, B): one program per (b, h, group of GROUP tokens), looping over D in BLOCK_D chunks.
     # The signature has no defaulted constexpr and no unused pointer: torch 2.11's Inductor launched such a kernel
-    # with one argument short ("launcher() missing 1 required positional argument: '_grid_2'", on the H100).
+    # with one argument short ("launcher() missing 1 required positional argument: '_grid_2'").
     pid_g = tl.program_id(0).to(tl.int64)
     t0 = pid_g * GROUP
     _quantize_keys_group(k_ptr, packed_ptr, scale_ptr, zero_ptr, D, stride_kb, stride_kh, stride_ks, stride_kd,
