@@ -159,7 +159,7 @@ def generate(
     try:
         runtime = runtime_of(model)
         runtime.capacity_hint = s + max_new_tokens + 1  # the host store is allocated once, pinned, at this size
-        if getattr(runtime.policy, "static", False):
+        if runtime.policy.static:
             # the static path writes the store by cache position, up to the StaticCache's capacity: allocate that
             # up front (reserving it later grew the store by a quarter, and the pinned allocator keeps the old block)
             runtime.capacity_hint = max(runtime.capacity_hint, _capacity(past_key_values) or 0)
@@ -263,7 +263,7 @@ def _static_policy(model) -> bool:
     from .api import runtime_of
 
     try:
-        return bool(getattr(runtime_of(model).policy, "static", False))
+        return runtime_of(model).policy.static
     except ValueError:  # not compiled by specache.compile (or the runtime appears with the first call)
         return False
 
@@ -285,7 +285,7 @@ def _check_graphable(model, input_ids, max_new_tokens, cache, speculative) -> No
     try:
         runtime = runtime_of(model)
         policy = runtime.policy
-        if not getattr(policy, "static", False):
+        if not policy.static:
             problems.append(f"policy {policy.name!r} without policy_options['static']=True")
         if runtime.config.measure_error:
             problems.append("measure_error=True (its exact attention reads the host: not capturable)")

@@ -81,6 +81,11 @@ class Policy:
     name: ClassVar[str] = ""
     uses_store: ClassVar[bool] = True
     speculative: ClassVar[bool] = False  # implements decode_speculative (specache.generate's speculative steps)
+    # Declared capabilities the runtime reads (set per instance by a policy whose options choose them):
+    # ``static``: decodes index-mode caches through fixed-shape state (``decode_static``), lengths on the device;
+    # ``host_codec``: the name of the codec that replaces the full-precision host store (``new_host_codec``), or None.
+    static: bool = False
+    host_codec: str | None = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -114,6 +119,17 @@ class Policy:
         ``hi`` and are never stored. Attention over store positions [lo, hi] (bias [.., R, hi-lo+1] or None). The
         speculative row's attention predicts the next step's fetch."""
         raise NotImplementedError(f"policy {self.name!r} has no speculative decode")
+
+    def decode_static(self, site: Site, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                      pos: torch.Tensor, bias: torch.Tensor, scale: float, n_real: int, speculating: bool
+                      ) -> torch.Tensor:
+        """A decode step of an index-mode cache through fixed-shape state (``static`` policies only): q [B, Hq, R, D],
+        the new K/V written at the device positions ``pos``, bias over the cache's capacity."""
+        raise NotImplementedError(f"policy {self.name!r} declares no static decode path")
+
+    def new_host_codec(self, host: str = "cpu", pin: bool = False, capacity: int = 0):
+        """The compressed host store replacing the full-precision one (``host_codec`` policies only)."""
+        raise NotImplementedError(f"policy {self.name!r} declares no host codec")
 
     def site_report(self, site: Site) -> dict[str, Any]:
         """Extra per-site figures for specache.stats (may sync: reporting only)."""

@@ -169,7 +169,7 @@ class Runtime:
                     f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
                     "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
                 )
-            if getattr(self.policy, "static", False) and (sq == 1 or speculating):
+            if self.policy.static and (sq == 1 or speculating):
                 raise CacheMismatch(
                     f"specache: site {site_name}: policy_options['static'] decodes index-mode caches only (positions "
                     "on the device, shapes fixed by the cache's capacity); this model's cache appends with "
@@ -183,7 +183,7 @@ class Runtime:
             if write_pos.device.type == "cpu" and not speculating:
                 # positions on the host cost no sync: follow a rewind (a draft model re-decoding) now, not later
                 self._follow_start(site, self._read_positions(site_name, write_pos, sn))
-            if getattr(self.policy, "static", False):
+            if self.policy.static:
                 return self._attend_static(site, q, k_new, v_new, mask, write_pos, base_len, col_start, col_stop,
                                            scale, n_real, speculating)
             # A decode step continues the sequence at the store's length: no host read of the positions (it would
@@ -539,7 +539,7 @@ class Runtime:
                 pin=home_host and k_new.device.type == "cuda",
                 home=self.config.kv_home.value,
                 capacity=max(self.config.max_seq_len or 0, self.capacity_hint),
-                keep_full=(self.policy.uses_store and getattr(self.policy, "host_codec", None) is None)
+                keep_full=(self.policy.uses_store and self.policy.host_codec is None)
                 or self.config.measure_error,
                 streams=self.streams,
             )
@@ -553,7 +553,7 @@ class Runtime:
         site.buffer_ptr = 0
         self._step_shared.clear()
         site.capacity = max(site.capacity, self.capacity_hint)
-        if getattr(self.policy, "host_codec", None) is not None:
+        if self.policy.host_codec is not None:
             # a fresh compressed host store per sequence, in the site's host memory (pinned where a GPU reads it)
             site.codec = self.policy.new_host_codec(site.host_device, site.pin, site.capacity)
         if self.capacity_hint and site.keep_full:
