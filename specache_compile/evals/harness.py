@@ -33,6 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "models" / "specache-tiny"
 RESULTS = REPO / "bench" / "results"
+POLICIES = ["baseline", "full", "specache"]  # --policies when not given (--quick: baseline and specache)
+CONTEXTS = [1024, 2048, 4096, 8192, 16384]  # --contexts when not given (--quick: its own)
 
 
 def parse_policy(spec: str) -> tuple[str, dict]:
@@ -270,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", default="retrieval", choices=["retrieval", "ruler"],
                    help="retrieval: needle, passkey, agreement, attention error; ruler: the RULER-style tasks")
     p.add_argument("--tasks", nargs="+", default=None, help="with --suite ruler: the tasks to run (default: all)")
-    p.add_argument("--policies", nargs="+", default=["baseline", "full", "specache"])
-    p.add_argument("--contexts", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    # None: not given, so --quick can tell its own defaults from what was asked, however the command was started
+    p.add_argument("--policies", nargs="+", default=None, help=f"default: {' '.join(POLICIES)}")
+    p.add_argument("--contexts", nargs="+", type=int, default=None, help=f"default: {' '.join(map(str, CONTEXTS))}")
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--trials", type=int, default=4, help="needle/passkey tasks per cell")
     p.add_argument("--agree-tokens", type=int, default=256)
@@ -299,12 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         return plot_results(out, args.plot_sha, out.parent / "accuracy_policies.png")
     if args.suite == "ruler":
-        return run_ruler(args, sys.argv[1:] if argv is None else argv)
+        return run_ruler(args)
     if args.quick:
         args.contexts, args.depths, args.trials, args.agree_tokens = [320, 640], [0.1, 0.5, 0.9], 2, 24
-        args.policies = args.policies if argv and "--policies" in argv else ["baseline", "specache"]
+        args.policies = args.policies or ["baseline", "specache"]
         args.topk = args.topk or 16
         args.group_size, args.window = args.group_size or 16, args.window or 16
+    args.policies, args.contexts = args.policies or list(POLICIES), args.contexts or list(CONTEXTS)
 
     from rich.console import Console
     from rich.progress import Progress
@@ -415,7 +419,7 @@ def _setup(args):
     return base, tok, defaults, env, rows, out, emit
 
 
-def run_ruler(args, argv: list[str]) -> int:
+def run_ruler(args) -> int:
     """The RULER-style suite: every policy x context x task x depth, ``--trials`` seeds per cell."""
     from rich.console import Console
     from rich.progress import Progress
@@ -424,9 +428,10 @@ def run_ruler(args, argv: list[str]) -> int:
 
     if args.quick:
         # 1K and 2K unless asked for (a grid at matched budgets runs one context per command)
-        args.contexts = args.contexts if "--contexts" in argv else [1024, 2048]
+        args.contexts = args.contexts or [1024, 2048]
         args.depths, args.trials = [0.5], 1
-        args.policies = args.policies if "--policies" in argv else ["baseline", "specache"]
+        args.policies = args.policies or ["baseline", "specache"]
+    args.policies, args.contexts = args.policies or list(POLICIES), args.contexts or list(CONTEXTS)
     names = args.tasks or list(ruler.RULER)
     unknown = [n for n in names if n not in ruler.RULER]
     if unknown:
