@@ -111,10 +111,16 @@ def _checked(config: Config) -> Config:
 
 
 def _generate_checked(self, *args: Any, **kwargs: Any):
-    """The model class's generate, then the deferred checks: index-mode decode steps check their write positions on
-    the device (no sync a step), and what they found is raised before the tokens they produced are returned."""
+    """The model class's generate, given specache's cache where the call asks for it or the policy's default is it
+    (cache.generate_kwargs), then the deferred checks: index-mode decode steps check their write positions on the
+    device (no sync a step), and what they found is raised before the tokens they produced are returned."""
+    from .cache import generate_kwargs
+    from .generate import cache_keyword
+
+    runtime = runtime_of(self)
+    kwargs = generate_kwargs(self, args, kwargs, runtime.policy.static, cache_keyword(self))
     out = type(self).generate(self, *args, **kwargs)
-    runtime_of(self).check_deferred()
+    runtime.check_deferred()
     return out
 
 

@@ -1,0 +1,81 @@
+"""``cache_implementation="specache"``: the cache ``model.generate`` decodes into after ``specache.compile``.
+
+A transformers ``StaticCache`` whose capacity is rounded up to a bucket (a power of two, at least
+:data:`MIN_BUCKET` positions). Why a StaticCache: its writes go by position (``index_copy_``), which the pass turns
+into index-mode sites whose state has the cache's fixed capacity, the shape the static decode path and a CUDA graph
+need. Why buckets: every ``generate`` call with a new ``prompt + max_new_tokens`` would otherwise give the cache a new
+capacity, hence new graph shapes and a recompile per call (transformers keeps the largest capacity seen, which still
+recompiles at every new maximum); with buckets the shapes change only when a call outgrows its bucket. The price is
+capacity the call does not use, at most half the bucket, in the store's host buffers and the policy's device tier.
+
+Not registered in transformers' tables of cache implementations (they are module constants its ``generate``
+validates against): the compiled model's ``generate`` (api._generate_checked) builds this cache itself when asked for
+``cache_implementation="specache"``, or by default for a policy that decodes through fixed-shape state, and passes it
+as the call's cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MIN_BUCKET = 1024  # positions: below it a bucket's unused capacity costs less than a recompile
+
+
+def bucket(n: int) -> int:
+    """The capacity a cache needs for ``n`` positions: the smallest power of two >= max(n, MIN_BUCKET)."""
+    if n < 1:
+        raise ValueError(f"specache cache: expected a positive number of positions, got {n}")
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def make_cache(model: torch.nn.Module, positions: int):
+    """A StaticCache for ``model`` with room for ``positions`` (prompt + new tokens + the one written past the last),
+    its capacity rounded up to the bucket. Lazily initialised (batch, heads, device and dtype from the first write),
+    so the compiled prefill allocates its buffers itself and the pass replaces them with the store."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=bucket(positions))
+
+
+def generate_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], static_policy: bool,
+                    cache_key: str) -> dict[str, Any]:
+    """``kwargs`` for the model class's generate with a specache cache put in, where the call asks for one
+    (``cache_implementation="specache"``) or leaves the choice to the default of a policy that decodes through
+    fixed-shape state (``static_policy``). Untouched where the caller passed a cache, another cache implementation,
+    ``use_cache=False``, an encoder-decoder model, or a call whose length cannot be read before it runs."""
+    gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    impl = kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
+    if impl not in ("specache", None) or (impl is None and not static_policy):
+        return kwargs
+    out = dict(kwargs)
+    out.pop("cache_implementation", None)
+    if getattr(gen, "cache_implementation", None) == "specache":
+        # set in the generation config: transformers would reject a name it does not know, or a cache beside it
+        out["cache_implementation"] = None
+    given = [k for k in ("cache", "past_key_values") if kwargs.get(k) is not None]
+    if given:
+        if impl == "specache":
+            raise ValueError(
+                f"specache: expected either cache_implementation='specache' or a cache object, got both ({given[0]}=); "
+                "fix: pass one of them"
+            )
+        return out
+    cfg = getattr(model, "config", None)
+    if kwargs.get("use_cache") is False or getattr(cfg, "is_encoder_decoder", False):
+        return out
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2:
+        return out
+    prompt = ids.shape[1]
+    new = kwargs.get("max_new_tokens", getattr(gen, "max_new_tokens", None) if "max_length" not in kwargs else None)
+    if new is None:
+        max_length = kwargs.get("max_length", getattr(gen, "max_length", None))
+        if max_length is None:
+            return out
+        new = max_length - prompt
+    out[cache_key] = make_cache(model, prompt + max(int(new), 0) + 1)
+    return out

@@ -1,0 +1,71 @@
+"""cache_implementation="specache" (specache_compile/cache.py): model.generate after specache.compile decodes into a
+StaticCache whose capacity is a bucket, so calls of other lengths within a bucket compile nothing new."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import build, twin
+from torch._dynamo.utils import counters
+from transformers import DynamicCache
+
+import specache
+from specache_compile import cache as sc
+
+
+def test_bucket():
+    assert [sc.bucket(n) for n in (1, 1024, 1025, 5000)] == [sc.MIN_BUCKET, 1024, 2048, 8192]
+    with pytest.raises(ValueError, match="expected a positive number"):
+        sc.bucket(0)
+
+
+def _prompt(n, seed):
+    return torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+@torch.no_grad()
+def test_static_policy_generates_into_a_bucketed_cache_by_default():
+    """policy_options static=True with a plain model.generate (no cache argument): the static path over a cache of
+    one bucket; calls of new prompt lengths and max_new_tokens inside the bucket compile no new graph once the prefill
+    has been traced with a dynamic length (Dynamo's second distinct length), and each equals the unmodified model."""
+    base = build("llama", seed=0)
+    m = specache.compile(twin(base), topk=4096, window=16, group_size=16, policy_options={"static": True})
+    compiled = []
+    for i, (s, n) in enumerate(((40, 6), (50, 8), (45, 12), (33, 20), (61, 3))):
+        ids = _prompt(s, i)
+        before = _graphs()
+        out = m.generate(ids, max_new_tokens=n, do_sample=False)
+        compiled.append(_graphs() - before)
+        assert torch.equal(out, base.generate(ids, max_new_tokens=n, do_sample=False)), (s, n)
+        site = next(iter(specache.runtime_of(m).sites.values()))
+        assert "static" in site.tier and site.length == s + n - 1
+    assert compiled[0] > 0 and compiled[2:] == [0, 0, 0], compiled
+
+
+@torch.no_grad()
+def test_cache_implementation_specache_for_any_policy():
+    """Asked for by name, the bucketed cache serves a policy without a static path too (index-mode sites); passing a
+    cache object beside the name is refused before anything runs."""
+    base = build("llama", seed=1)
+    m = specache.compile(twin(base), policy="full")
+    ids = _prompt(20, 7)
+    out = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="specache")
+    assert torch.equal(out, base.generate(ids, max_new_tokens=5, do_sample=False))
+    assert specache.stats(m)["sites"]["model.layers.0.self_attn"]["mode"] == "index"
+    with pytest.raises(ValueError, match="either cache_implementation='specache' or a cache object"):
+        m.generate(ids, max_new_tokens=2, cache_implementation="specache", past_key_values=DynamicCache())
+
+
+def test_generate_kwargs_leaves_other_choices_alone():
+    base = build("llama", seed=2)
+    ids = _prompt(10, 3)
+    for kw in ({"cache_implementation": "static"}, {"use_cache": False, "cache_implementation": None}):
+        assert sc.generate_kwargs(base, (ids,), kw, True, "cache").get("cache") is None
+    assert sc.generate_kwargs(base, (ids,), {"max_new_tokens": 4}, False, "cache").get("cache") is None
+    for kw, cap in (({"max_new_tokens": 4}, sc.MIN_BUCKET), ({"max_length": 3000}, 4096)):
+        got = sc.generate_kwargs(base, (ids,), kw, True, "cache")["cache"]
+        assert {layer.max_cache_len for layer in got.layers} == {cap}
