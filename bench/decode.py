@@ -27,6 +27,11 @@ fetch time. Methods:
   StaticCache), eager / with its steps replayed as CUDA graphs (``specache.generate(cuda_graph=True)``);
 - any other registered policy name (``streaming``, ``snapkv``, ``quant``, ``kcache``, ``cake``, ``kvcomp``...), at a
   KV budget of ``--budget-frac`` of the context where the policy takes one;
+- ``hf-generate``: the unmodified model's own ``model.generate`` (its default DynamicCache, eager): what a user
+  runs without specache; ``hf-generate-<policy spec>`` (``hf-generate-specache``, ``hf-generate-full``,
+  ``hf-generate-specache:static=true``): ``specache.compile`` then an unchanged ``model.generate`` (the cache is
+  whatever the compiled model's generate picks: specache's bucketed StaticCache for a static policy); the rows add
+  ``graphs_compiled`` (Dynamo graphs the row compiled) beside ``compile_s`` and ``prefill_s`` (the first call);
 - any of these but ``full`` / ``hf-offloaded`` with overrides after a colon, as in the eval harness:
   ``specache-graph:bits=1`` (Config fields), ``specache-graph:hit_every=1`` (policy options; the static path samples
   prefetch hits only then).
@@ -52,6 +57,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -360,6 +366,23 @@ def hbm_peak_gbps(reps: int = 20) -> float:
     return 2 * n / (statistics.median(times) * 1e-3) / 1e9
 
 
+def hf_generate(model, ids, n: int, on_step) -> torch.Tensor:
+    """``model.generate(ids, max_new_tokens=n)`` greedy, exactly n tokens (no end-of-sequence stop), on_step(i) after
+    each new token (i = 0 after the prefill's), called by a stopping criterion that never stops."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Marks(StoppingCriteria):
+        i = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            on_step(self.i)
+            self.i += 1
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, stopping_criteria=StoppingCriteriaList([Marks()]), pad_token_id=0)
+
+
 def run_row(method, base, ctx, batch, args, compiled: dict):
     dev = next(base.parameters()).device
     cuda = dev.type == "cuda"
@@ -450,6 +473,26 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             greedy(m.forward, m.forward, ids, cache, total, args.prefill_chunk, on_step)
             kv_dev = cache_bytes(cache, dev.type)
             host = cache_bytes(cache, "cpu")
+        elif method.startswith("hf-generate"):
+            key = method
+            if key not in compiled:
+                m = shared_copy(base)
+                if method != "hf-generate":  # hf-generate-<policy spec>: specache.compile, then the same loop
+                    name, overrides = parse_policy(method[len("hf-generate-"):])
+                    specache.compile(m, policy=name, inner=args.inner, **overrides)
+                compiled[key] = m
+            m = compiled[key]
+            graphs0 = counters["stats"]["unique_graphs"]
+            hf_generate(m, ids, total, on_step)
+            row["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs0
+            if method == "hf-generate":
+                kv_dev = (2 * m.config.num_hidden_layers * batch * m.config.num_key_value_heads * (ctx + total)
+                          * (m.config.hidden_size // m.config.num_attention_heads)
+                          * next(m.parameters()).element_size())
+            else:
+                mem = specache.memory(m)
+                kv_dev, host = mem["device"], mem["host"]
+                specache.reset(m)
         else:
             key = method
             # "specache-graph:bits=1" -> the method, with Config / policy_options overrides (the eval harness's syntax)
@@ -506,7 +549,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "prefill_s": prof["prefill_end"] - t0 if "prefill_end" in prof else None,
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
         "hbm_peak_gbps": args.hbm_peak,
-        "inner": "inductor" if method.startswith("full") else "eager" if method == "hf-offloaded" else args.inner,
+        "inner": ("inductor" if method.startswith("full") else "eager" if method in ("hf-offloaded", "hf-generate")
+                  else args.inner),
     })
     if "p" in prof:
         # self time only: with --host-profile the CPU ops are recorded too, and an op's device_time_total holds its
