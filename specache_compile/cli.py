@@ -1,154 +1,206 @@
-"""``specache demo``: compile a small model, generate, and show the full cache and specache side by side.
+"""The ``specache`` command: ``demo``, ``eval`` and ``bench``.
 
-The table: KV bytes on the device and on the host, decode step time, greedy agreement with the full cache.
-
-By default the model is the project's own trained tiny Llama (models/specache-tiny) when it is in the checkout, else a
-Llama-shaped model with random weights built from a config (no weights are downloaded). Runs on CPU by default.
+Bad input ends in one line on stderr (what was expected, what was given, the fix) and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
-import time
-from pathlib import Path
+import textwrap
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "models" / "specache-tiny"
+_DESCRIPTION = """\
+specache keeps a model's KV cache in host memory and a low-bit copy on the
+GPU, and fetches only the tokens that matter at each step: a torch.compile
+backend, applied with specache.compile(model).
+"""
+
+_EXAMPLES = """\
+examples:
+  specache demo                          SmolLM2-135M if installed, else the
+                                         shipped tiny model
+  specache demo --context 4096 --policy kcache
+  specache eval --quick                  a small accuracy grid on CPU (~2 min)
+  specache bench decode --tiny --contexts 256 512
+                                         the decode benchmark's CPU smoke run
+"""
 
 
-def _load(args):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    dtype = getattr(torch, args.dtype)
-    path = Path(args.model) if args.model else (TINY if (TINY / "config.json").exists() else None)
-    if path is not None:
-        from transformers import AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        tok = AutoTokenizer.from_pretrained(path)
-        return model.eval().to(args.device), tok, str(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    return model.eval().to(args.device), None, "random Llama config (4 layers, 8/2 heads, D=32)"
+class UsageError(Exception):
+    """Bad command-line input: the message is the one line printed (expected, got, fix)."""
 
 
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the usage too: two lines and a wall of flags
+        raise UsageError(f"{self.prog}: {_expected_got(message)}" + (
+            "" if "fix:" in message else f"; fix: see `{self.prog} --help`"))
 
 
-def _timed_generate(model, ids, n: int) -> tuple[list[int], float | None, float]:
-    """Greedy ``model.generate``: (new tokens, median ms between consecutive decode steps after the first, seconds in
-    all). The steps are timed by a logits processor (called once per step, after the step's forward)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    class Clock(LogitsProcessor):
-        def __init__(self):
-            self.marks: list[float] = []
-
-        def __call__(self, input_ids, scores):
-            if scores.is_cuda:
-                torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
-            return scores
-
-    clock = Clock()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    secs = time.perf_counter() - t0
-    steps = sorted(b - a for a, b in zip(clock.marks[1:], clock.marks[2:]))  # the first decode step may compile
-    step_ms = 1e3 * steps[len(steps) // 2] if steps else None
-    return out[0, ids.shape[1]:].tolist(), step_ms, secs
+def _expected_got(message: str) -> str:
+    """argparse's own messages, reworded as expected / got."""
+    if m := re.fullmatch(r"argument (\S+): invalid choice: (.+) \(choose from (.+)\)", message):
+        return f"argument {m[1]}: expected one of {m[3]}, got {m[2]}"
+    if m := re.fullmatch(r"the following arguments are required: (.+)", message):
+        return f"expected {m[1]}, got none"
+    if m := re.fullmatch(r"unrecognized arguments: (.+)", message):
+        return f"expected the flags its help lists, got {m[1]}"
+    if m := re.fullmatch(r"argument (\S+): expected one argument", message):
+        return f"argument {m[1]}: expected a value after it, got none"
+    return message
 
 
-def demo(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, each flag's default after its help, except where there is none to show."""
 
+    def _get_help_string(self, action):
+        if action.default in (None, False, True, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive(what: str, fix: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n <= 0 or str(n) != value.strip():
+            raise argparse.ArgumentTypeError(f"expected {what} (an integer > 0), got {value!r}; fix: {fix}")
+        return n
+
+    return parse
+
+
+def _policy(value: str) -> str:
     import specache
 
-    from .evals.harness import kv_bytes_full
+    names = specache.policies()
+    if value not in names:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(names)}, got {value!r}; fix: --policy specache "
+                                         "(the default), or another name of that list")
+    return value
 
-    console = Console()
-    model, tok, what = _load(args)
-    ref = None
-    if args.compare:
-        import copy
 
-        ref = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(4, vocab, (1, args.context), generator=g).to(args.device)
-    overrides = {"policy": args.policy}
-    if args.topk is not None:
-        overrides["topk"] = args.topk
-    specache.compile(model, **overrides)
-    console.print(f"[bold]specache demo[/]: {what}, {args.context}-token prompt, policy={args.policy}, "
-                  f"device={args.device}")
-    new, step_ms, secs = _timed_generate(model, ids, args.new_tokens)
-    st = specache.stats(model)
-    want = full_ms = None
-    if ref is not None:
-        want, full_ms, _ = _timed_generate(ref, ids, args.new_tokens)
+def _device(value: str) -> str:
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}; fix: --device cpu")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "no CUDA build" if torch.version.cuda is None else "no GPU visible"
+            raise argparse.ArgumentTypeError(
+                f"expected a CUDA device, got {value!r} on a machine where torch {torch.__version__} sees none ({why})"
+                "; fix: --device cpu (the default here)")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"expected cuda:0 .. cuda:{count - 1}, got {value!r}; fix: --device cuda")
+    return value
 
-    full = kv_bytes_full(model, args.context + len(new))
-    where = "GPU" if args.device.startswith("cuda") else args.device.upper()
-    table = Table(title=f"full cache vs specache: {args.context}-token prompt, {len(new)} new tokens")
-    table.add_column("")
-    table.add_column("full cache", justify="right")
-    table.add_column("specache" if args.policy == "specache" else f"specache: {args.policy}", justify="right")
-    table.add_row(f"KV bytes on the model's device ({where})", _fmt(full), _fmt(st["bytes"]["device"]))
-    table.add_row("KV bytes in host memory (pinned on CUDA)", "0 B", _fmt(st["bytes"]["host"]))
-    ms = (lambda x: "-" if x is None else f"{x:.1f} ms")
-    table.add_row("decode step (median of the steps after the first)", ms(full_ms), ms(step_ms))
-    agree = "-" if want is None else f"{sum(a == b for a, b in zip(new, want))}/{len(want)}"
-    table.add_row("greedy tokens equal to the full cache's", "-" if want is None else f"{len(want)}/{len(want)}",
-                  agree)
-    console.print(table)
-    if not args.device.startswith("cuda"):
-        console.print("(on CPU specache's kernels run as their pure-torch references: these step times say nothing "
-                      "about a GPU; see the README's GPU table)")
-    console.print(f"attention sites: found {st['found']}, rewritten {st['rewritten']}, left alone {st['skipped']}")
-    console.print(f"generated {len(new)} tokens in {secs:.1f} s (compile included): {new}")
-    if tok is not None:
-        console.print(f"text: {tok.decode(new)!r}")
-    return 0
+
+def _demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="one question about a long document, answered with the full KV cache and "
+                       "with specache, side by side",
+                       description=textwrap.fill(
+                           "One question about a long document (a ship's log with one fact hidden in it), answered by "
+                           "the same model with its full KV cache and compiled by specache: the KV bytes on the "
+                           "device, whether the answers' tokens are equal, both answers, and each run's time.", 78),
+                       formatter_class=_Help)
+    d.add_argument("--model", default=None, metavar="NAME|FOLDER",
+                   help="smollm2-135m, gemma3-270m (python3 -m specache_compile.models fetch NAME), tiny (the shipped "
+                        "models/specache-tiny) or a transformers model folder (default: smollm2-135m if installed, "
+                        "else tiny)")
+    d.add_argument("--policy", default="specache", type=_policy,
+                   help="the KV-cache policy specache runs (specache.policies() lists them)")
+    d.add_argument("--topk", type=_positive("a row count", "--topk 64"), default=None,
+                   help="full-precision rows fetched per KV head per step (default: the policy's, 64 for specache)")
+    d.add_argument("--context", type=_positive("a token count", "--context 2048"), default=2048,
+                   help="tokens of the document the question is about")
+    d.add_argument("--new-tokens", type=_positive("a token count", "--new-tokens 16"), default=16,
+                   help="tokens each run may answer with (it stops earlier at the model's end of turn)")
+    d.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the model runs: cpu, cuda or cuda:N")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (and its KV cache's)")
+    d.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip the full-cache run (specache's column alone)")
+
+
+def _parser() -> _Parser:
+    from . import __version__
+    from .bench_cli import BENCHES
+
+    parser = _Parser(prog="specache", description=_DESCRIPTION, epilog=_EXAMPLES, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"specache {__version__} (torch {torch.__version__})",
+                        help="print specache's version (and torch's) and exit")
+    sub = parser.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND",
+                                parser_class=_Parser)
+    _demo_parser(sub)
+    sub.add_parser("eval", help="the accuracy harness: needle, passkey, RULER tasks, agreement with the full cache",
+                   add_help=False)
+    b = sub.add_parser("bench", help="the benchmarks of bench/: decode, kernels, memory", formatter_class=_Help,
+                       description=textwrap.fill(
+                           "The benchmark scripts of bench/, run in this process with a progress bar; their flags, "
+                           "rows (bench/results/) and plots are the scripts' own: specache bench decode --help.", 78))
+    bench = b.add_subparsers(dest="bench", required=True, title="benchmarks", metavar="BENCHMARK",
+                             parser_class=_Parser)
+    for name, spec in BENCHES.items():
+        bench.add_parser(name, help=spec.about, add_help=False)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specache", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="compile a small model, generate, print full cache vs specache side by side")
-    d.add_argument("--model", help="a local transformers model folder (default: models/specache-tiny if present)")
-    d.add_argument("--policy", default="specache")
-    d.add_argument("--topk", type=int, default=None)
-    d.add_argument("--context", type=int, default=2048)
-    d.add_argument("--new-tokens", type=int, default=24)
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    d.add_argument("--no-compare", dest="compare", action="store_false", help="skip the full-cache comparison")
-    sub.add_parser("eval", help="the accuracy harness (needle, passkey, agreement); see `specache eval --help`",
-                   add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "eval":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    from .demo import DemoError
+
+    parser = _parser()
+    # eval and bench hand everything after their name to the harness / script, which parse it themselves
+    if argv[:1] == ["eval"]:
         from .evals.harness import main as eval_main
 
-        return eval_main(argv[1:])
+        return _one_line("specache eval", eval_main, argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and not argv[1].startswith("-"):
+        from . import bench_cli
+
+        if argv[1] not in bench_cli.BENCHES:
+            parser.parse_args(argv[:2])  # the error: an unknown benchmark, with the ones there are
+        return _one_line(f"specache bench {argv[1]}", bench_cli.run, argv[1], argv[2:])
     args = parser.parse_args(argv)
-    args.repro = shlex.join(sys.argv)
+    args.repro = shlex.join(["specache", *argv])
     if args.cmd == "demo":
-        return demo(args)
-    return 2
+        from . import demo
+
+        try:
+            return demo.run(args)
+        except DemoError as e:
+            raise UsageError(f"specache demo: {e}") from None
+    raise UsageError(f"specache: expected a command, got {argv!r}; fix: specache --help")
+
+
+def _one_line(prog: str, fn, *args) -> int:
+    """``fn(*args)``, with specache's own refusals of bad input (a ValueError saying expected / got / fix) turned into
+    the one-line error; anything else propagates with its traceback."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        msg = str(e)
+        if not msg.startswith("specache") or "expected" not in msg:
+            raise
+        raise UsageError(msg.splitlines()[0] if msg.startswith(prog) else f"{prog}: {msg.splitlines()[0]}") from None
 
 
 if __name__ == "__main__":
