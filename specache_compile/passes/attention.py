@@ -34,7 +34,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from ..kernels import ops  # noqa: F401  (registers torch.ops.specache.*)
+from .. import attend_op  # noqa: F401  (registers torch.ops.specache.attend / refuse)
+from ..kernels import ops  # noqa: F401  (registers the kernels' ops)
 from .kv_source import INDEX, KVSource, Skip, check_pair, ev, is_fn, is_method, peel, resolve, shape_only_users
 
 log = logging.getLogger("specache")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..kernels.ops import Layout
+from ..layout import Layout
 
 APPEND, INDEX, WINDOW = Layout.APPEND, Layout.INDEX, Layout.WINDOW
 

@@ -20,7 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import Config, KVHome
 from ..kernels import ops
-from ..kernels.ops import Layout
+from ..layout import Layout
 from ..policies import PrefillView, registered
 from .store import Site
 from .streams import Streams
