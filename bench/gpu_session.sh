@@ -9,6 +9,7 @@
 #       codec_tests: the host codec's GPU tests; exact: the GPU test of exact_attention in pieces
 #       (bench/decode.py), one method set per step, see the case below; decode_x4 (4 x 127K: full runs out of memory);
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
+#     reliability: test_faults' pinned-memory fault cycles and a specache soak in 8 sequences (bench/soak.py);
 #     fused_tests: the fused decode kernel's GPU tests (tests/kernels/test_fused_decode.py) and the static path through
 #       it and the full-graph baseline's attention (tests/test_gpu.py); fused_kernels: bench/kernels.py --only-fused
 #       (fused_decode at 32K/128K x batch 1/8 x bits 2/1, the unfused ops beside it, a launch-shape sweep);
@@ -54,6 +55,11 @@ for step in $steps; do
           --fused-contexts 32768 --fused-batches 1 --bits 2 --rep 30 >>"$OUT/kernels_sweep.log" 2>&1
         echo "sweep $shape: rc=$?"
       done ;;
+    reliability)  # the pinned-memory fault cycles, then a soak in sequences: growth across sequences is a leak
+      pytest_gpu gpu_faults 150 tests/reliability/test_faults.py
+      timeout 200 python bench/soak.py --steps 1600 --sequences 8 --every 50 --policy specache \
+        --out "$OUT/reliability.jsonl" >"$OUT/soak_gpu.log" 2>&1
+      echo "soak: rc=$? $(tail -1 "$OUT/soak_gpu.log" | cut -c1-300)" ;;
     codec_tests)  # the KVComp host codec's GPU tests (pinned and pageable payloads)
       pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
@@ -117,7 +123,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: fused_tests fused_kernels graph_rows graph_b8 codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: reliability fused_tests fused_kernels graph_rows graph_b8 codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
