@@ -55,6 +55,10 @@ def common_tasks(rows: list[dict], model: str) -> list[str]:
 def cells(rows: list[dict], model: str, tasks: list[str]) -> dict[tuple[str, int], dict]:
     """(method, context) -> {score, prompts, compression, shas}: the newest commit's rows of each policy x context."""
     mine = [r for r in rows if r["model"] == model and r["task"] in tasks]
+    # the full cache's text per prompt (a one-trial row is one prompt; seeds follow task, context, depth, trial, so
+    # every policy, and the peers, got the same prompt)
+    ref = {(r["context"], r["task"], r["depth"]): r.get("output") for r in mine
+           if r["policy"] == "baseline" and r.get("trials", 1) == 1}
     newest: dict[tuple[str, int], str] = {}
     for r in mine:  # files are appended in time order: the last sha seen is the newest
         newest[(r["policy"], r["context"])] = r.get("git_sha") or r.get("peer", "")
@@ -71,11 +75,16 @@ def cells(rows: list[dict], model: str, tasks: list[str]) -> dict[tuple[str, int
             by_task[t] = fresh or [r for r in rs if r.get("git_sha") == rs[-1].get("git_sha")]
         means = [sum(r["score"] for r in rs) / len(rs) for rs in by_task.values()]
         comp = [r["kv_compression"] for rs in by_task.values() for r in rs if r.get("kv_compression")]
+        same = [r.get("output") == ref[k] for rs in by_task.values() for r in rs
+                if r.get("trials", 1) == 1 and ref.get(k := (ctx, r["task"], r["depth"])) is not None]
         out[(method(policy), ctx)] = {
             "score": sum(means) / len(means),
             "tasks": len(by_task),
             "prompts": sum(r.get("trials", 1) for rs in by_task.values() for r in rs),
             "compression": sum(comp) / len(comp) if comp else None,
+            # the share of prompts whose output is the full cache's, character for character (its first 200): far
+            # more prompts move it than the score of a model that finds few needles
+            "same": sum(same) / len(same) if same else None,
             # peers ran outside the project: no commit of ours
             "shas": sorted({r["git_sha"][:7] if r.get("git_sha") else "peers" for rs in by_task.values() for r in rs}),
         }
@@ -87,7 +96,8 @@ def _ctx(c: int) -> str:
 
 
 def table(rows: list[dict], model: str, tasks: list[str]) -> str:
-    """Markdown: one line per method, one column per context; a cell reads score (prompts), compression."""
+    """Markdown: one line per method, one column per context; a cell reads score (prompts), compression, the share of
+    outputs equal to the full cache's."""
     got = cells(rows, model, tasks)
     contexts = sorted({c for _, c in got})
     methods = list(dict.fromkeys(m for m, _ in got))
@@ -101,13 +111,15 @@ def table(rows: list[dict], model: str, tasks: list[str]) -> str:
                 out.append("")
                 continue
             comp = f", {cell['compression']:.1f}x" if cell["compression"] and m != "full cache" else ""
-            out.append(f"{cell['score']:.2f} ({cell['prompts']}){comp}")
+            same = f", {cell['same']:.0%} same" if cell["same"] is not None and m != "full cache" else ""
+            out.append(f"{cell['score']:.2f} ({cell['prompts']}){comp}{same}")
         lines.append(f"| {m} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
 def figure(rows: list[dict], model: str, tasks: list[str], path: Path) -> None:
-    """Two panels: the mean score per method against the context, and against the measured KV compression."""
+    """Three panels: the mean score per method against the context and against the measured KV compression, and the
+    share of outputs equal to the full cache's against the context."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,34 +128,40 @@ def figure(rows: list[dict], model: str, tasks: list[str], path: Path) -> None:
     got = cells(rows, model, tasks)
     methods = list(dict.fromkeys(m for m, _ in got))
     contexts = sorted({c for _, c in got})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (left, right, agree) = plt.subplots(1, 3, figsize=(17, 4.8))
     colors = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*"
     for i, m in enumerate(methods):
         xs = [c for c in contexts if (m, c) in got]
         color = colors[i % 20]
-        left.plot(xs, [got[(m, c)]["score"] for c in xs], marker="o", color=color, label=m)
+        # methods side by side around each context: equal scores (few prompts make many) would hide each other
+        nudge = 2 ** (0.025 * (i - len(methods) / 2))
+        left.plot([c * nudge for c in xs], [got[(m, c)]["score"] for c in xs], marker="o", color=color, label=m)
+        ys = [(c, got[(m, c)]["same"]) for c in xs if got[(m, c)]["same"] is not None]
+        agree.plot([c * nudge for c, _ in ys], [y for _, y in ys], marker="o", color=color)
         pts = [(got[(m, c)]["compression"] or 1.0, got[(m, c)]["score"], c) for c in xs]
         right.plot([p[0] for p in pts], [p[1] for p in pts], color=color, alpha=0.4)
         for x, y, c in pts:
             right.scatter([x], [y], color=color, marker=markers[contexts.index(c) % len(markers)], zorder=3)
-    left.set_xscale("log", base=2)
-    left.set_xticks(contexts, [_ctx(c) for c in contexts])
-    left.minorticks_off()
-    left.set_xlabel("context (tokens)")
+    for ax in (left, agree):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [_ctx(c) for c in contexts])
+        ax.minorticks_off()
+        ax.set_xlabel("context (tokens)")
+    agree.set_ylabel("share of outputs equal to the full cache's")
     left.set_ylabel(f"mean score over {len(tasks)} tasks")
     right.set_xlabel("KV compression on the device (full-precision KV / device KV)")
     for c in contexts:  # marker legend: which context a point is
         right.scatter([], [], color="gray", marker=markers[contexts.index(c) % len(markers)], label=_ctx(c))
     right.legend(fontsize=7, loc="upper right")
-    for ax in (left, right):
+    for ax in (left, right, agree):
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    fig.legend(*left.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.80, 0.5))
+    fig.legend(*left.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.84, 0.5))
     shas = sorted({s for cell in got.values() for s in cell["shas"]})
     device = sorted({r["device"] for r in rows if r["model"] == model})
     fig.suptitle(f"{model} on {', '.join(device)}, rows of {', '.join(shas)}\ntasks: {', '.join(tasks)}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.80, 1))
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

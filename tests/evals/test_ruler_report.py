@@ -52,3 +52,12 @@ def test_main_writes_the_table_and_a_figure_per_model(tmp_path, capsys):
     assert "| m | 1K | 4K |" in out and "| snapkv | 0.75 (3), 4.0x | 0.75 (3), 4.0x |" in out
     assert "| full cache | 0.50 (2) | 0.50 (2) |" in out
     assert (tmp_path / "accuracy_real_m.png").exists() and (tmp_path / "accuracy_real_g.png").exists()
+
+
+def test_same_counts_outputs_equal_to_the_full_cache_s_on_the_same_prompt():
+    rows = [{**_row("baseline", 1024, "a", 1.0, depth=d), "output": f"out {d}"} for d in (0.2, 0.8)]
+    rows += [{**_row("quant", 1024, "a", 0.0, depth=0.2), "output": "out 0.2"},
+             {**_row("quant", 1024, "a", 0.0, depth=0.8), "output": "other"}]
+    got = report.cells(rows, "m", ["a"])
+    assert got[("quant", 1024)]["same"] == 0.5 and got[("full cache", 1024)]["same"] == 1.0
+    assert "0.00 (2), 50% same" in report.table(rows, "m", ["a"])
