@@ -249,6 +249,7 @@ class SpeCachePolicy(Policy):
             # GQA: mean over the query heads of a group (and over the query rows of a step)
             probs = probs.reshape(b, hkv, (hq // hkv) * sq, n_cand).mean(dim=2)
             idx = ops.topk_positions(probs, topk) + c_lo  # [B, Hkv, k] absolute positions, ascending
+            self._sample_previous(site, idx)
         with site.streams.span("demand", site.device, nbytes=_row_bytes(site, idx)):
             k_f, v_f = site.fetch(idx, *t["prefetch"].free_slot())
         # Full-precision columns in ascending position order: sinks < fetched (>= c_lo) < window (>= nq).
@@ -262,6 +263,20 @@ class SpeCachePolicy(Policy):
         if bias is None and hi < nq:  # the op attends [lo, nq) of the low-bit copy unless a bias bounds it
             bias = torch.zeros((1, 1, sq, hi - lo), dtype=torch.float32, device=dev)
         return ops.lowbit_decode_attention(q, *low, self.bits, self.group, lo, k_fp, v_fp, fp_pos, bias, scale)
+
+    def _sample_previous(self, site, idx):
+        """Every hit_every one-token steps, how much of this step's top-k the previous step's held: the hit rate a
+        previous-query prefetch (the last step's rows kept for the next, as FreeKV predicts) would have, measured
+        where ``model.generate`` feeds one token a step and the speculative token is not available. Device
+        counters, no sync."""
+        t = site.tier
+        last = t.get("prev_idx")
+        t["prev_idx"] = idx
+        t["one_token_steps"] = t.get("one_token_steps", 0) + 1
+        if last is None or last.shape != idx.shape or not self.hit_every or t["one_token_steps"] % self.hit_every:
+            return
+        t["prev_hits"] = t.get("prev_hits", 0) + overlap_count(idx, last)
+        t["prev_total"] = t.get("prev_total", 0) + idx.numel()
 
     # -- speculative decode (Algorithms 2 and 3) -------------------------------------------------------------------
     def _rank(self, site, low_logits, q_rows, k_cols, bias_rows, lo, c_lo, qhi, scale):
@@ -363,9 +378,11 @@ class SpeCachePolicy(Policy):
             return {}
         extra = {"topk": self.topk_of(site)} if self.layer_budgets == "cake" and site.name in self._prefs else {}
         total = int(t["hit_total"])  # reporting only: syncs
+        prev = int(t.get("prev_total", 0))
         return {"prefetch_issued": pf.stats.issued, "prefetch_consumed": pf.stats.consumed,
                 "prefetch_dropped": pf.stats.dropped, "prefetch_hits": int(t["hits"]), "prefetch_sampled": total,
-                "prefetch_hit_rate": (int(t["hits"]) / total) if total else None, **extra}
+                "prefetch_hit_rate": (int(t["hits"]) / total) if total else None,
+                "previous_query_hit_rate": int(t["prev_hits"]) / prev if prev else None, **extra}
 
     def _decode_dropping(self, site, q, bias, lo, hi, scale):
         """lowbit_remainder=False: attention over sinks ∪ top-k ∪ window only (the low-bit copy only ranks)."""
