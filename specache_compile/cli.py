@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 import sys
 import textwrap
 
@@ -180,7 +179,6 @@ def _main(argv: list[str]) -> int:
             parser.parse_args(argv[:2])  # the error: an unknown benchmark, with the ones there are
         return _one_line(f"specache bench {argv[1]}", bench_cli.run, argv[1], argv[2:])
     args = parser.parse_args(argv)
-    args.repro = shlex.join(["specache", *argv])
     if args.cmd == "demo":
         from . import demo
 

@@ -85,9 +85,19 @@ def check_model(name: str) -> None:
                         f"(with config.json), got {name!r} ({what}); fix: {fix}")
 
 
+def _models():
+    from . import models
+
+    return models
+
+
 def load(name: str, dtype: torch.dtype, device: str) -> tuple[Any, Any, str]:
     """(model in eval mode on ``device``, tokenizer, a description)."""
+    from transformers.utils import logging as hf_logging
+
     from . import models
+
+    hf_logging.disable_progress_bar()  # the demo's own progress display stands for the loading bars
 
     if name in models.MODELS:
         model, tok = models.load(name, dtype=dtype, device=device)
@@ -186,6 +196,11 @@ def run(args) -> int:
     console = Console()
     name, note = pick_model(args.model)
     check_model(name)
+    if name not in _models().MODELS:  # a folder: its config says the limit before the weights load
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(TINY if name == "tiny" else Path(name))
+        _check_fits(name, getattr(config, "max_position_embeddings", None), args.context, args.new_tokens)
     if note:
         console.print(f"[yellow]note[/]: {note}")
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -195,12 +210,10 @@ def run(args) -> int:
         model, tok, about = load(name, getattr(torch, args.dtype), args.device)
         progress.advance(step)
         limit = getattr(model.config, "max_position_embeddings", None)
+        _check_fits(name, limit, args.context, args.new_tokens)  # before building a document that long
         prompt = document_prompt(tok, args.context)
         total_len = prompt.ids.shape[1] + args.new_tokens
-        if limit and total_len > limit:
-            raise DemoError(f"--context: expected a prompt that fits {name}'s {limit} positions with --new-tokens "
-                            f"{args.new_tokens}, got {total_len}; fix: --context {limit - args.new_tokens - 128} or "
-                            "less")
+        _check_fits(name, limit, total_len - args.new_tokens, args.new_tokens)  # with the question and template
         ids = prompt.ids.to(args.device)
         console.print(f"[bold]specache demo[/]: {about}, on {args.device}")
         console.print(f"document: a ship's log of {prompt.doc_tokens} tokens ({ids.shape[1]} with the question), "
@@ -228,6 +241,13 @@ def run(args) -> int:
     console.print(f"attention layers: {st['found']} found, {st['rewritten']} rewritten by specache, "
                   f"{st['skipped']} left alone")
     return 0
+
+
+def _check_fits(name: str, limit: int | None, prompt_len: int, new_tokens: int) -> None:
+    if limit and prompt_len + new_tokens > limit:
+        raise DemoError(f"--context: expected a prompt that fits {name}'s {limit} positions with --new-tokens "
+                        f"{new_tokens}, got {prompt_len + new_tokens}; fix: --context {limit - new_tokens - 128} or "
+                        "less")
 
 
 def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, prompt: Prompt):

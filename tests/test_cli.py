@@ -17,7 +17,7 @@ def _fails(capsys, *argv: str) -> str:
     """Run the command; it must exit 2 with one line on stderr, nothing on stdout; returns that line."""
     assert cli.main(list(argv)) == 2
     out, err = capsys.readouterr()
-    assert out == "", out
+    assert out.strip() == "", out  # (a progress display that stopped may leave a newline)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     return lines[0]
@@ -73,6 +73,11 @@ def test_unknown_device(capsys):
 def test_counts_must_be_positive(capsys, flag, value):
     line = _fails(capsys, "demo", flag, value)
     _says(line, flag, f"got {value!r}", "an integer > 0")
+
+
+def test_context_longer_than_the_model_takes(capsys):
+    line = _fails(capsys, "demo", "--model", "tiny", "--context", "100000")
+    _says(line, "4096 positions", "--context")
 
 
 def test_unknown_command_and_benchmark(capsys):
