@@ -254,7 +254,8 @@ def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, prompt:
     from rich.table import Table
 
     label = "specache" if args.policy == "specache" else f"specache ({args.policy})"
-    table = Table(title=f"the same model and {prompt.ids.shape[1]}-token prompt: full KV cache vs {label}")
+    vs = f"full KV cache vs {label}" if full is not None else label
+    table = Table(title=f"the same model and {prompt.ids.shape[1]}-token prompt: {vs}")
     table.add_column("")
     if full is not None:
         table.add_column("full cache", justify="right")
@@ -265,9 +266,10 @@ def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, prompt:
 
     where = "GPU" if args.device.startswith("cuda") else "device (CPU)"
     dev = st["bytes"]["device"]
-    smaller = f", {full_bytes / dev:.1f}x smaller" if dev else ""
+    smaller = (f", {full_bytes / dev:.1f}x smaller" + ("" if full is not None else " than the full cache")) if dev \
+        else ""
     row(f"KV cache on the {where}", _fmt_bytes(dev) + smaller, _fmt_bytes(full_bytes))
-    row("KV cache in host memory", _fmt_bytes(st["bytes"]["host"]) + " (full precision)", "none")
+    row("KV cache in host memory", _fmt_bytes(st["bytes"]["host"]), "none")
     row("answer", ours.text or "(nothing)", (full.text or "(nothing)") if full else "")
     expected = prompt.expected
 
