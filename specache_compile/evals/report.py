@@ -2,6 +2,7 @@
 
     python3 -m specache_compile.evals.report                  # one PNG per model, the markdown table on stdout
     python3 -m specache_compile.evals.report --tasks niah_single_essay niah_multikey
+    python3 -m specache_compile.evals.report --models smollm2-135m --contexts 1024 2048 --no-figures  # all 9 tasks
 
 A cell is one (model, method, context): the mean over the chosen tasks of each task's mean over its depths and trials
 (each task counts once however many prompts it had), with the number of prompts behind it and the KV compression
@@ -53,7 +54,9 @@ def common_tasks(rows: list[dict], model: str) -> list[str]:
 
 
 def cells(rows: list[dict], model: str, tasks: list[str]) -> dict[tuple[str, int], dict]:
-    """(method, context) -> {score, prompts, compression, shas}: the newest commit's rows of each policy x context."""
+    """(method, context) -> {score, prompts, compression, same, shas}: the newest commit's rows of each policy x
+    context. Two budgets of one method at one context (a grid re-run to match specache's bytes): the policy whose rows
+    came later in the files is the cell."""
     mine = [r for r in rows if r["model"] == model and r["task"] in tasks]
     # the full cache's text per prompt (a one-trial row is one prompt; seeds follow task, context, depth, trial, so
     # every policy, and the peers, got the same prompt)
@@ -63,7 +66,7 @@ def cells(rows: list[dict], model: str, tasks: list[str]) -> dict[tuple[str, int
     for r in mine:  # files are appended in time order: the last sha seen is the newest
         newest[(r["policy"], r["context"])] = r.get("git_sha") or r.get("peer", "")
     out: dict[tuple[str, int], dict] = {}
-    for (policy, ctx), sha in newest.items():
+    for (policy, ctx), sha in newest.items():  # in first-seen order, so a later policy's cell replaces an earlier
         # a 1K/2K grid ran across two commits that compute the same thing: rows of the same policy x context from
         # other commits count only when the newest commit lacks their task
         got = [r for r in mine if r["policy"] == policy and r["context"] == ctx]
@@ -172,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows files (default: bench/results/accuracy_real*.jsonl)")
     p.add_argument("--models", nargs="+", default=None, help="default: every model in the rows")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the tasks every context of a model ran")
+    p.add_argument("--contexts", nargs="+", type=int, default=None, help="default: every context in the rows")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the figures (accuracy_real_<model>.png)")
     p.add_argument("--no-figures", action="store_true", help="the table only")
     args = p.parse_args(argv)
     rows = load(args.rows or sorted(RESULTS.glob("accuracy_real*.jsonl")))
+    rows = [r for r in rows if args.contexts is None or r["context"] in args.contexts]
     if not rows:
         raise ValueError("specache_compile.evals.report: expected RULER rows in the rows files, got none; fix: run "
                          "specache eval --suite ruler first")

@@ -61,3 +61,10 @@ def test_same_counts_outputs_equal_to_the_full_cache_s_on_the_same_prompt():
     got = report.cells(rows, "m", ["a"])
     assert got[("quant", 1024)]["same"] == 0.5 and got[("full cache", 1024)]["same"] == 1.0
     assert "0.00 (2), 50% same" in report.table(rows, "m", ["a"])
+
+
+def test_a_later_budget_of_one_method_is_its_cell():
+    rows = [*_rows(), _row("snapkv:budget=9", 4096, "a", 0.0, comp=9.0), _row("snapkv:budget=9", 4096, "b", 0.0,
+                                                                                comp=9.0)]
+    got = report.cells(rows, "m", ["a", "b"])
+    assert got[("snapkv", 4096)]["compression"] == 9.0 and got[("snapkv", 4096)]["score"] == 0.0
