@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .backend import specache_backend
-from .config import Config, with_overrides
+from .config import Config, checked, with_overrides
 from .policies import registered
 from .runtime import runtime as rt
 
@@ -41,7 +41,7 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
             "twice); fix: compile the original module once, or call specache.reset(model) first to drop its KV store "
             "and compile it again"
         )
-    config = _checked(with_overrides(config, overrides))
+    config = checked(with_overrides(config, overrides))
     # Every model compiled in a process adds graphs (prefill, decode, speculative steps) to the same transformers code
     # objects, and Dynamo's recompile limit is per code object: past it, the model would run without specache's
     # graph, over its placeholder cache. Room for a few dozen models (specache.generate refuses if it still happens).
@@ -95,19 +95,11 @@ def backend(config: Config | None = None, **overrides: Any):
     ``torch.compile(model, backend="specache", options={...})`` works too, but torch hands those options to the backend
     only when it compiles the first graph, so a bad one surfaces there, wrapped in ``BackendCompilerFailed``.
     """
-    config = _checked(with_overrides(config, overrides))
+    config = checked(with_overrides(config, overrides))
     registered()[config.policy].from_config(config)  # the policy's own options (policy_options) are checked here
     return functools.partial(specache_backend, config=config)
 
 
-def _checked(config: Config) -> Config:
-    """What compiling refuses beyond Config's own checks (Config admits topk=0, a legal size in itself)."""
-    if config.topk < 1:
-        raise ValueError(
-            f"specache: expected topk >= 1 (full-precision rows fetched per KV head per step), got topk={config.topk}; "
-            "fix: leave it at the default (64) or pass a positive count; for no fetch at all use policy='quant'"
-        )
-    return config
 
 
 def _generate_checked(self, *args: Any, **kwargs: Any):

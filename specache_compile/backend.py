@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .config import Config, Inner, with_overrides
+from .config import Config, Inner, checked, with_overrides
 from .passes import rewrite
 from .runtime import runtime as rt
 
@@ -46,7 +46,7 @@ def specache_backend(
     if runtime is None:
         options = dict(options or {})
         base = options.pop("config", config)
-        config = with_overrides(base, options)
+        config = checked(with_overrides(base, options))
         runtime = rt.for_params(_params(example_inputs), config)
     real = dict(zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs))
 

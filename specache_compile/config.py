@@ -136,3 +136,14 @@ def with_overrides(base: Config | None, overrides: dict[str, Any]) -> Config:
             "(policy hyperparameters go in policy_options={...})"
         )
     return dataclasses.replace(base, **overrides)
+
+
+def checked(config: Config) -> Config:
+    """What compiling refuses beyond Config's own checks (Config admits topk=0, a legal size in itself): called by
+    specache.compile, api.backend, and the backend string's first call."""
+    if config.topk < 1:
+        raise ValueError(
+            f"specache: expected topk >= 1 (full-precision rows fetched per KV head per step), got topk={config.topk}; "
+            "fix: leave it at the default (64) or pass a positive count; for no fetch at all use policy='quant'"
+        )
+    return config

@@ -141,3 +141,14 @@ def test_backend_factory_compiles_like_the_string(one_thread):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     runtime = specache.runtime_of(model)
     assert runtime.config.policy == "full" and runtime.calls > 0  # specache's op served the attention
+
+
+def test_backend_string_refuses_topk_zero_at_its_first_call():
+    """torch.compile(backend="specache", options=...) hands the options over at the first call: refused there too
+    (the policy would otherwise run with a top-k of 1)."""
+    import torch
+    from hf_models import build
+
+    m = torch.compile(build("llama"), backend="specache", options={"topk": 0})
+    with pytest.raises(Exception, match="expected topk >= 1"):
+        m(torch.randint(0, 100, (1, 8)))
