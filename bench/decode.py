@@ -692,27 +692,34 @@ def plot_side_by_side(rows, context: int, path: Path):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["full", "hf-offloaded", "specache", "specache-noprefetch"])
-    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The docstring as written, and every flag's default."""
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    ap.add_argument("--methods", nargs="+", default=["full", "hf-offloaded", "specache", "specache-noprefetch"],
+                    help="methods to time, one row each per shape (see the module docstring for the names)")
+    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072],
+                    help="prompt lengths in tokens")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1], help="batch sizes")
     ap.add_argument("--extra", nargs="*", default=[], metavar="CTXxBATCH",
                     help="extra (context, batch) rows, e.g. 65536x8 (where full runs out of memory)")
     ap.add_argument("--extra-methods", nargs="*", default=["full", "specache"],
                     help="the methods that run the --extra rows")
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--timed-fetch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=16, help="timed decode steps (their median is step_ms)")
+    ap.add_argument("--warmup", type=int, default=3, help="decode steps before the timed ones (recompiles land there)")
+    ap.add_argument("--timed-fetch", type=int, default=4,
+                    help="steps after the timed ones with the fetch spans recorded (fetch GB/s, exposed fetch)")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler (GPU busy time)")
     ap.add_argument("--host-profile", action="store_true",
                     help="profile host time per op over the --profile-steps steps (a table per row in results/)")
-    ap.add_argument("--prefill-chunk", type=int, default=8192)
+    ap.add_argument("--prefill-chunk", type=int, default=8192, help="prefill in chunks of this many tokens")
     ap.add_argument("--budget-frac", type=float, default=0.15, help="KV budget of eviction policies (fraction)")
     ap.add_argument("--inner", default="auto", help="specache's inner compiler (auto = inductor on CUDA)")
-    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the Llama-3-8B-shaped model (default: its 32; fewer for a quick run)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer fp32 model (CPU smoke run)")
-    ap.add_argument("--out", default="decode.jsonl")
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--out", default="decode.jsonl", help="rows file under bench/results/ (and $OUT)")
+    ap.add_argument("--no-plot", action="store_true", help="write the rows only, no PNG plots")
     ap.add_argument("--plot-only", action="store_true",
                     help="no runs: plot the newest row per method/context of bench/results/<out>")
     ap.add_argument("--plot-device", default=None,

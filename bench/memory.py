@@ -66,13 +66,14 @@ def run(model, ids, steps, cache):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--context", type=int, default=16384)
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--bits", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--context", type=int, default=16384, help="prompt length in tokens")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers of the Llama-3-8B-shaped model")
+    p.add_argument("--vocab", type=int, default=128256, help="vocabulary size (the logits' memory)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
+    p.add_argument("--topk", type=int, default=64, help="specache's rows fetched per KV head")
+    p.add_argument("--bits", type=int, default=2, help="bit width of specache's low-bit copy")
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, DynamicCache
