@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -86,9 +87,14 @@ class Policy:
     # ``host_codec``: the name of the codec that replaces the full-precision host store (``new_host_codec``), or None.
     static: bool = False
     host_codec: str | None = None
+    # A frozen dataclass of the policy's options: given, the base class builds ``self.options`` from
+    # ``Config.policy_options`` (unknown names and wrong types refused with expected / got / fix; the dataclass's
+    # ``__post_init__`` checks values). Policies without one parse ``policy_options`` themselves.
+    Options: ClassVar[type | None] = None
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.options = options_of(type(self), config.policy_options) if self.Options is not None else None
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -137,3 +143,23 @@ class Policy:
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.name}
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def options_of(cls: type[Policy], raw: dict[str, Any]) -> Any:
+    """``cls.Options(**raw)``, with the names and the types of ``raw`` checked against the dataclass's fields."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.name} policy: unknown policy_options {unknown}; expected some of {sorted(fields)}; "
+                         f"fix: drop them or rename them to one of those")
+    for name, value in raw.items():
+        f = fields[name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        want = _TYPES.get(kind)
+        if want and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
+            raise ValueError(f"{cls.name} policy: policy_options[{name!r}] expected {kind}, got {value!r}; "
+                             f"fix: pass {name}={f.default!r} (the default) or another {kind}")
+    return cls.Options(**raw)
