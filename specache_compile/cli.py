@@ -47,6 +47,8 @@ def _expected_got(message: str) -> str:
         return f"expected {m[1]}, got none"
     if m := re.fullmatch(r"unrecognized arguments: (.+)", message):
         return f"expected the flags its help lists, got {m[1]}"
+    if m := re.fullmatch(r"argument (\S+): invalid (\w+) value: (.+)", message):
+        return f"argument {m[1]}: expected a{'n' if m[2][0] in 'aeiou' else ''} {m[2]}, got {m[3]}"
     if m := re.fullmatch(r"argument (\S+): expected one argument", message):
         return f"argument {m[1]}: expected a value after it, got none"
     return message
@@ -191,7 +193,15 @@ def _main(argv: list[str]) -> int:
 
 def _one_line(prog: str, fn, *args) -> int:
     """``fn(*args)``, with specache's own refusals of bad input (a ValueError saying expected / got / fix) turned into
-    the one-line error; anything else propagates with its traceback."""
+    the one-line error, and so are the argparse errors of the parser ``fn`` builds (the harness', a bench script's:
+    argparse's own ``error`` would print the usage too); anything else propagates with its traceback."""
+
+    def error(parser, message):
+        raise UsageError(f"{prog}: {_expected_got(message)}" + (
+            "" if "fix:" in message else f"; fix: see `{prog} --help`"))
+
+    own = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error  # for this call only: restored below
     try:
         return fn(*args)
     except ValueError as e:
@@ -199,6 +209,8 @@ def _one_line(prog: str, fn, *args) -> int:
         if not msg.startswith("specache") or "expected" not in msg:
             raise
         raise UsageError(msg.splitlines()[0] if msg.startswith(prog) else f"{prog}: {msg.splitlines()[0]}") from None
+    finally:
+        argparse.ArgumentParser.error = own
 
 
 if __name__ == "__main__":

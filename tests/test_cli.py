@@ -95,6 +95,11 @@ def test_gpu_benchmarks_without_cuda(capsys, name):
 
 def test_eval_refusals_are_one_line(capsys):
     _says(_fails(capsys, "eval", "--model", "/no/such/model"), "--model", "'/no/such/model'")
+    _says(_fails(capsys, "eval", "--inner", "None"), "specache eval", "expected one of 'auto'", "got 'None'")
+    _says(_fails(capsys, "eval", "--trials", "x"), "specache eval", "--trials", "'x'")
+    import argparse
+
+    assert argparse.ArgumentParser.error is not None and "specache" not in argparse.ArgumentParser.error.__qualname__
 
 
 # ----------------------------------------------------------------------------------------------------------------------
