@@ -366,9 +366,10 @@ def hbm_peak_gbps(reps: int = 20) -> float:
     return 2 * n / (statistics.median(times) * 1e-3) / 1e9
 
 
-def hf_generate(model, ids, n: int, on_step) -> torch.Tensor:
+def hf_generate(model, ids, n: int, on_step):
     """``model.generate(ids, max_new_tokens=n)`` greedy, exactly n tokens (no end-of-sequence stop), on_step(i) after
-    each new token (i = 0 after the prefill's), called by a stopping criterion that never stops."""
+    each new token (i = 0 after the prefill's), called by a stopping criterion that never stops. Returns the cache the
+    call decoded into (transformers names the output's field ``cache`` where it renamed ``past_key_values``)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Marks(StoppingCriteria):
@@ -379,8 +380,10 @@ def hf_generate(model, ids, n: int, on_step) -> torch.Tensor:
             self.i += 1
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, stopping_criteria=StoppingCriteriaList([Marks()]), pad_token_id=0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, stopping_criteria=StoppingCriteriaList([Marks()]), pad_token_id=0,
+                         return_dict_in_generate=True)
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 def run_row(method, base, ctx, batch, args, compiled: dict):
@@ -483,12 +486,10 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
                 compiled[key] = m
             m = compiled[key]
             graphs0 = counters["stats"]["unique_graphs"]
-            hf_generate(m, ids, total, on_step)
+            cache = hf_generate(m, ids, total, on_step)
             row["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs0
             if method == "hf-generate":
-                kv_dev = (2 * m.config.num_hidden_layers * batch * m.config.num_key_value_heads * (ctx + total)
-                          * (m.config.hidden_size // m.config.num_attention_heads)
-                          * next(m.parameters()).element_size())
+                kv_dev = cache_bytes(cache, dev.type)
             else:
                 mem = specache.memory(m)
                 kv_dev, host = mem["device"], mem["host"]

@@ -11,6 +11,7 @@ the model's attention, not of the device.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import statistics
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
             t = RULER[task](tok, length, 0.5, 0)
             ids = torch.tensor([t.input_ids])
             for mode in ("speculative", "previous_query"):
-                m = specache.compile(models.load(args.model)[0], topk=args.topk,
-                                     policy_options={"hit_every": 1})
+                # specache.compile works in place: a copy of the loaded model per run, not another load
+                m = specache.compile(copy.deepcopy(base), topk=args.topk, policy_options={"hit_every": 1})
                 if mode == "speculative":
                     specache.generate(m, ids, args.new, speculative=True)
                     got = rates(m, "prefetch_hit_rate")

@@ -510,7 +510,7 @@ def _apply(graph: fx.Graph, m: Match, ks: KVSource, vs: KVSource, handle: int, n
         cache = ks.past if ev(ks.past) is not None and ev(ks.past).dim() == 4 else None
     # who else holds each cache tensor, taken before any node is added: the op's own length input may read the same
     # tensor's size (a sym_size under dynamic shapes), and must keep reading the tensor, not its placeholder
-    readers = {id(src): _cache_readers(src, m) if src.base.op == "call_function" else [] for src in (ks, vs)}
+    readers = {id(src): _cache_readers(src, m) for src in (ks, vs)}
     with graph.inserting_before(at):
         base_len = _base_len(graph, ks)
         call = graph.call_function(
