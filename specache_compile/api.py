@@ -100,8 +100,6 @@ def backend(config: Config | None = None, **overrides: Any):
     return functools.partial(specache_backend, config=config)
 
 
-
-
 def _generate_checked(self, *args: Any, **kwargs: Any):
     """The model class's generate, given specache's cache where the call asks for it or the policy's default is it
     (cache.generate_kwargs), then the deferred checks: index-mode decode steps check their write positions on the

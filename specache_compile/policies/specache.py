@@ -269,11 +269,13 @@ class SpeCachePolicy(Policy):
         previous-query prefetch (the last step's rows kept for the next, as FreeKV predicts) would have, measured
         where ``model.generate`` feeds one token a step and the speculative token is not available. Device
         counters, no sync."""
+        if not self.hit_every:
+            return
         t = site.tier
         last = t.get("prev_idx")
         t["prev_idx"] = idx
         t["one_token_steps"] = t.get("one_token_steps", 0) + 1
-        if last is None or last.shape != idx.shape or not self.hit_every or t["one_token_steps"] % self.hit_every:
+        if last is None or last.shape != idx.shape or t["one_token_steps"] % self.hit_every:
             return
         t["prev_hits"] = t.get("prev_hits", 0) + overlap_count(idx, last)
         t["prev_total"] = t.get("prev_total", 0) + idx.numel()
