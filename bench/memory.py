@@ -65,7 +65,7 @@ def run(model, ids, steps, cache):
             "step_ms_median": 1e3 * statistics.median(times[2:] or times), "steps": steps}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--context", type=int, default=16384, help="prompt length in tokens")
@@ -74,7 +74,7 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="decode steps after the prefill")
     p.add_argument("--topk", type=int, default=64, help="specache's rows fetched per KV head")
     p.add_argument("--bits", type=int, default=2, help="bit width of specache's low-bit copy")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, DynamicCache
 

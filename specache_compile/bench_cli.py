@@ -23,15 +23,13 @@ class Bench:
     module: str  # bench.<name>, imported with the repository root on sys.path
     about: str
     needs_cuda: bool
-    takes_argv: bool = True  # main(argv); False: main() parses sys.argv (bench/memory.py)
 
 
 BENCHES: dict[str, Bench] = {
     "decode": Bench("bench.decode", "decode step time, tok/s and KV bytes per method and context (CPU: --tiny)",
                     needs_cuda=False),
     "kernels": Bench("bench.kernels", "specache's GPU kernels against SDPA and the copy peaks (CUDA)", needs_cuda=True),
-    "memory": Bench("bench.memory", "device memory around prefill, full cache and specache (CUDA)", needs_cuda=True,
-                    takes_argv=False),
+    "memory": Bench("bench.memory", "device memory around prefill, full cache and specache (CUDA)", needs_cuda=True),
 }
 
 
@@ -56,21 +54,21 @@ def run(name: str, argv: list[str]) -> int:
     sys.argv = [f"bench/{name}.py", *argv]
     try:
         if asks_help:
-            return _call(module, spec, argv)
-        return _with_progress(name, module, spec, argv)
+            return _call(module, argv)
+        return _with_progress(name, module, argv)
     finally:
         sys.argv = old_argv
 
 
-def _call(module, spec: Bench, argv: list[str]) -> int:
+def _call(module, argv: list[str]) -> int:
     try:
-        rc = module.main(argv) if spec.takes_argv else module.main()
+        rc = module.main(argv)
     except SystemExit as e:  # argparse's --help and its errors
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     return 0 if rc is None else rc
 
 
-def _with_progress(name: str, module, spec: Bench, argv: list[str]) -> int:
+def _with_progress(name: str, module, argv: list[str]) -> int:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     original = module.write_rows  # the script's own `from bench.common import write_rows`
@@ -87,6 +85,6 @@ def _with_progress(name: str, module, spec: Bench, argv: list[str]) -> int:
 
         module.write_rows = counted
         try:
-            return _call(module, spec, argv)
+            return _call(module, argv)
         finally:
             module.write_rows = original
