@@ -19,7 +19,7 @@ import torch
 from torch import Tensor  # noqa: F401 (the op's annotations name it: schema inference resolves them here)
 
 from . import reference as ref
-from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _interpreted, _parts, _select_block_n, bias_args, split_plan
+from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _interpreted, _select_block_n, bias_args, split_plan
 
 try:
     import triton
@@ -34,6 +34,7 @@ except ImportError:  # keep `import specache` working without Triton: the refere
 
 _MAX_HEAD_DIM = 256  # a [256, 16] fp32 query tile plus a [64, 256] code tile per K and V is what 4 warps hold
 _MAX_ROWS = 64  # REP * Sq query rows of one GQA group in one tile
+_MIN_ROWS = 8  # the smallest row tile: the N of a tensor-core product (wgmma / mma n8), no padding to 16
 _MAX_TOPK = 2048  # the largest block of the top-k's bitonic sort
 # Launch shape of the fused pass: tokens per key tile at most (a tile lies in one key group), warps, pipeline depth.
 # bench/kernels.py sweeps them (fused_decode_* rows); 64 / 4 / 2 compile to 248 registers and no spills at the
@@ -82,16 +83,22 @@ def fused_decode_supported(q: torch.Tensor, kq: torch.Tensor, ks: torch.Tensor, 
         return False
     if bits not in (1, 2, 4) or not isinstance(group, int) or group <= 0:
         return False
-    per = 8 // bits
     b, hq, sq, d = q.shape
     hkv = kq.shape[1]
     dv = v_fp.shape[-1]
     return (
         q.dtype in _KERNEL_DTYPES and all(t.dtype == q.dtype for t in (ks, vs, k_fp, v_fp, k_win))
         and _tile(group) >= _MIN_TILE and hkv > 0 and hq % hkv == 0 and (hq // hkv) * sq <= _MAX_ROWS
-        and d % per == 0 and dv % per == 0 and 16 <= d <= _MAX_HEAD_DIM and 16 <= dv <= _MAX_HEAD_DIM
+        and (d * bits) % 32 == 0 and (dv * bits) % 32 == 0 and 16 <= d <= _MAX_HEAD_DIM and 16 <= dv <= _MAX_HEAD_DIM
         and rank_row < sq and (rank_row < 0 or 0 < k <= _MAX_TOPK)
     )
+
+
+def _word_aligned(codes: torch.Tensor) -> torch.Tensor:
+    # the kernel reads packed codes as int32 words: rows of whole words, word-aligned (a copy otherwise)
+    if codes.stride(-1) == 1 and codes.storage_offset() % 4 == 0 and all(st % 4 == 0 for st in codes.stride()[:-1]):
+        return codes
+    return codes.contiguous()
 
 
 def _tile(group: int) -> int:
@@ -121,7 +128,6 @@ def _fused_decode_triton(
     dv = v_fp.shape[-1]
     dev = q.device
     m = rep * sq
-    per = 8 // bits
     w = None if bias is None else bias.shape[-1]
     hi_q = nq if w is None else min(nq, lo + w)
     n_low = max(0, hi_q - lo)
@@ -131,6 +137,7 @@ def _fused_decode_triton(
     if b * hq * sq == 0 or not (attend or (rank and n_low > 0 and k > 0)):
         return out.zero_(), top
 
+    kq, vq = _word_aligned(kq), _word_aligned(vq)
     gv = min(group, dv)
     block_n = _tile(group)
     tile0 = lo // block_n
@@ -171,9 +178,9 @@ def _fused_decode_triton(
         lo, hi_q, f, fw, w or 0, float(softmax_scale) * math.log2(math.e),
         tile0, n_tiles, tiles_per_split, n_lb, n_f_tiles, n_fp_tiles, fp_tiles_per_split,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-        kq.stride(0), kq.stride(1), kq.stride(2), kq.stride(3),
+        *(st // 4 for st in kq.stride()[:3]), 1,
         ks.stride(0), ks.stride(1), ks.stride(2), ks.stride(3),
-        vq.stride(0), vq.stride(1), vq.stride(2), vq.stride(3),
+        *(st // 4 for st in vq.stride()[:3]), 1,
         vs.stride(0), vs.stride(1), vs.stride(2), vs.stride(3),
         sub.stride(0), sub.stride(1),
         k_fp.stride(0), k_fp.stride(1), k_fp.stride(2), k_fp.stride(3),
@@ -187,10 +194,10 @@ def _fused_decode_triton(
         pm.stride(0), pm.stride(1), pm.stride(2),
         rx.stride(0), rx.stride(1),
         D=d, DV=dv, REP=rep, SQ=sq, RANK_ROW=rank_row if rank else -1, GROUP=group, GV=gv, NGV=dv // gv, BITS=bits,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
-        BLOCK_NB=triton.next_power_of_2(d // per), BLOCK_NBV=triton.next_power_of_2(dv // per),
+        BLOCK_M=max(_MIN_ROWS, triton.next_power_of_2(m)), BLOCK_N=block_n,
+        BLOCK_NW=triton.next_power_of_2(d * bits // 32), BLOCK_NWV=triton.next_power_of_2(dv * bits // 32),
         HAS_BIAS=bias is not None, HAS_LIMIT=limit is not None, ATTEND=attend,
-        PARTS=_parts(q.dtype), QPARTS=0 if q.dtype == torch.float32 else 1,
+        PARTS=0 if q.dtype == torch.float32 else 2, QPARTS=0 if q.dtype == torch.float32 else 1,
         FP_PARTS=0 if q.dtype == torch.float32 else 2, EMULATE=_interpreted(), num_warps=_NUM_WARPS,
         num_stages=_NUM_STAGES,
     )

@@ -15,13 +15,13 @@ probabilities and keeps each block's top-k (kernels/triton/select.py's bitonic s
 per-block top-k inside the pass: the GQA mean weights head ``h`` by ``1 / L_h``, its softmax sum over every split, so
 the order of a block's positions is not known until all splits have run (for GQA 1 it would be).
 
-Layout of a tile in registers. Byte ``j`` of a token's codes holds channels ``j * PER + i`` (``PER = 8 // BITS``,
-code ``i`` at bit ``i * BITS``). Tiles are indexed by ``c = i * BLOCK_NB + j`` (code-major) instead of by channel, and
-every byte is loaded ``PER`` times (L1 hits after the first): then the unpack is one shift per column
-(``byte >> (c // BLOCK_NB) * BITS``), no reshape or interleave of registers, and the loads are runs of ``BLOCK_NB``
-contiguous bytes (16-byte vectors). The query, the key scales and the value-group masks are loaded in the same
-column order; partial outputs are stored back in channel order. Scores and the output are computed transposed
-(``[tokens, rows]`` and ``[channels, rows]``) so that the big code tile is always the left operand of the product.
+Layout of a tile in registers. The packed codes are read as int32 words (a token's bytes ``4w .. 4w + 3``: code ``c``
+of word ``w`` at bit ``c * BITS`` is channel ``w * 32 / BITS + c``), and a tile's columns are ordered as
+:func:`_unpack_words` produces them: both 16-bit halves of a word are unpacked by one shift and one and-or, so the two
+codes of a pair (``c`` and ``c + 16 / BITS``) sit in adjacent columns. The query, the key scales and the value-group
+masks are loaded in that column order; partial outputs are stored back in channel order. Scores and the output are
+computed transposed (``[tokens, rows]`` and ``[channels, rows]``) so that the big code tile is always the left operand
+of the product, and the row tile is 8 wide at GQA 4 x 2 rows (a tensor-core N of 8: no padding rows).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .score import pow2_scale, split_dot_rhs
+from .score import split_dot_rhs
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function may read must be a tl.constexpr
 
@@ -48,25 +48,32 @@ def _online_update_t(xt, m_i, l_i):
 
 
 @triton.jit
-def _codes_f16(byte, shift, BITS: tl.constexpr):
-    # byte: uint8 tile, shift: its code's bit offset (broadcastable) -> the codes as fp16, exactly. No int-to-float
-    # conversion (a slow instruction, one per code): the code is written into the mantissa of 1024.0 (fp16 0x6400,
-    # whose ulp is 1) and 1024 subtracted, both exact.
+def _unpack_words(x, R: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    # x: int32 [R, NW], each word 32 // BITS codes (code c at bit c * BITS) -> the codes [R, NW * 32 // BITS] as DT
+    # (bf16 or fp16), exactly, in column order (word w, shift i, half h): column (w * H + i) * 2 + h = code h * H + i
+    # of word w (H = 16 // BITS). One shift and one and-or per two codes: both halves of a 32-bit register are
+    # unpacked at once, each written into the mantissa of a power of two whose ulp is 1 (bf16 128.0 = 0x4300, fp16
+    # 1024.0 = 0x6400), which is then subtracted (exact, two to a register). No int-to-float conversion, no shuffle
+    # of registers: a pair's halves are adjacent columns.
+    H: tl.constexpr = 16 // BITS
     LEVELS: tl.constexpr = (1 << BITS) - 1
-    x = ((byte.to(tl.int16) >> shift.to(tl.int16)) & LEVELS) | 0x6400
-    return x.to(tl.float16, bitcast=True) - 1024.0
+    MAGIC: tl.constexpr = 0x4300 if DT == tl.bfloat16 else 0x6400
+    BASE: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
+    sh = tl.arange(0, H) * BITS
+    t = ((x[:, :, None] >> sh[None, None, :]) & (LEVELS | (LEVELS << 16))) | (MAGIC | (MAGIC << 16))  # [R, NW, H]
+    lo = t.to(tl.int16).to(DT, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(DT, bitcast=True)
+    return tl.reshape(tl.join(lo, hi) - BASE, [R, NW * H * 2])
 
 
 @triton.jit
-def _expand_cols(byte, PER: tl.constexpr, R: tl.constexpr, NB: tl.constexpr):
-    # byte: [R, NB] -> [R, PER * NB], column i * NB + j = byte[:, j] (each byte repeated PER times, code-major)
-    return tl.reshape(tl.broadcast_to(byte[:, None, :], [R, PER, NB]), [R, PER * NB])
-
-
-@triton.jit
-def _expand_rows(byte, PER: tl.constexpr, NB: tl.constexpr, C: tl.constexpr):
-    # byte: [NB, C] -> [PER * NB, C], row i * NB + j = byte[j, :]
-    return tl.reshape(tl.broadcast_to(byte[None, :, :], [PER, NB, C]), [PER * NB, C])
+def _word_channels(NW_REAL: tl.constexpr, BLOCK_NW: tl.constexpr, BITS: tl.constexpr):
+    # the channel of each column of _unpack_words' tile, and which columns hold real channels
+    CPW: tl.constexpr = 32 // BITS
+    H: tl.constexpr = 16 // BITS
+    c = tl.arange(0, BLOCK_NW * CPW)
+    r = c % CPW
+    return (c // CPW) * CPW + (r % 2) * H + r // 2, (c // CPW) < NW_REAL
 
 
 @triton.jit
@@ -130,8 +137,8 @@ def fused_decode_kernel(
     stride_rxb, stride_rxh,
     D: tl.constexpr, DV: tl.constexpr, REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr,
     GROUP: tl.constexpr, GV: tl.constexpr,
-    NGV: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NB: tl.constexpr,
-    BLOCK_NBV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, ATTEND: tl.constexpr,
+    NGV: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NW: tl.constexpr,
+    BLOCK_NWV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, ATTEND: tl.constexpr,
     PARTS: tl.constexpr, QPARTS: tl.constexpr, FP_PARTS: tl.constexpr, EMULATE: tl.constexpr,
 ):
     # q: [B, Hq, Sq, D]; kq: [B, Hkv, nq, D*BITS//8] uint8; ks, kz: [B, Hkv, nq//GROUP, D] (same strides);
@@ -149,10 +156,13 @@ def fused_decode_kernel(
     kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
-    PER: tl.constexpr = 8 // BITS
-    BLOCK_D: tl.constexpr = PER * BLOCK_NB
-    BLOCK_DV: tl.constexpr = PER * BLOCK_NBV
-    LB_DT: tl.constexpr = tl.float16  # the low-bit products: codes are exact in fp16 (other operand pow2-scaled)
+    CPW: tl.constexpr = 32 // BITS  # codes per int32 word
+    BLOCK_DV: tl.constexpr = CPW * BLOCK_NWV
+    # The low-bit products: codes are exact in bf16, and the fp32 operand is split into PARTS bf16 terms (score.py's
+    # split_dot): bf16 has fp32's range, so no per-tile scaling (a reduction) keeps the terms in range. The
+    # interpreter's bf16 bitcasts are wrong: there the codes are unpacked as fp16 (also exact) and widened.
+    LB_DT: tl.constexpr = tl.bfloat16
+    CODE_DT: tl.constexpr = tl.float16 if EMULATE else tl.bfloat16
     CDT: tl.constexpr = kf_ptr.dtype.element_ty  # the full-precision columns' (and q's) dtype
 
     rows = tl.arange(0, BLOCK_M)
@@ -160,25 +170,18 @@ def fused_decode_kernel(
     rank_mask = row_mask & ((rows % SQ) == RANK_ROW)  # all False when RANK_ROW < 0
     head = kv * REP + rows // SQ
     sq = rows % SQ
-    # key columns, code-major: column c is code c // BLOCK_NB of byte c % BLOCK_NB, i.e. channel dk
-    ck = tl.arange(0, BLOCK_D)
-    jk = ck % BLOCK_NB
-    sk = (ck // BLOCK_NB) * BITS
-    dk = jk * PER + ck // BLOCK_NB
-    dk_mask = jk < D // PER
-    cv = tl.arange(0, BLOCK_DV)
-    jv = cv % BLOCK_NBV
-    sv = (cv // BLOCK_NBV) * BITS
-    dv_ch = jv * PER + cv // BLOCK_NBV
-    dv_mask = jv < DV // PER
+    # the columns of a key / value tile in _unpack_words' order: column c holds channel dk[c] / dv_ch[c]
+    dk, dk_mask = _word_channels(D * BITS // 32, BLOCK_NW, BITS)
+    dv_ch, dv_mask = _word_channels(DV * BITS // 32, BLOCK_NWV, BITS)
     dv_grp = dv_ch // GV  # the value channel group of each column
-    nb = tl.arange(0, BLOCK_NB)  # code bytes of a token
-    nb_mask = nb < D // PER
-    nbv = tl.arange(0, BLOCK_NBV)
-    nbv_mask = nbv < DV // PER
+    nw = tl.arange(0, BLOCK_NW)  # code words of a token
+    nw_mask = nw < D * BITS // 32
+    nwv = tl.arange(0, BLOCK_NWV)
+    nwv_mask = nwv < DV * BITS // 32
 
     q_ptrs = q_ptr + b * stride_qb + head[None, :] * stride_qh + sq[None, :] * stride_qs + dk[:, None] * stride_qd
     qt = tl.load(q_ptrs, mask=dk_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_M]
+    qts = qt * qk_scale  # the low-bit scores are formed in fp32 from it: log2-domain logits with no multiply a tile
     bias_rows = bias_ptr + b * stride_bb + head[None, :] * stride_bh + sq[None, :] * stride_bs  # [1, BLOCK_M]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -192,39 +195,33 @@ def fused_decode_kernel(
         hi = tl.minimum(hi, tl.load(lim_ptr).to(tl.int32))
 
     # ---- low-bit tiles (an empty range for the full-precision programs) ------------------------------------------
-    kq_base = kq_ptr + b * stride_kqb + kv * stride_kqh
+    kq_base = kq_ptr.to(tl.pointer_type(tl.int32)) + b * stride_kqb + kv * stride_kqh  # strides in words
     ks_base = ks_ptr + b * stride_ksb + kv * stride_ksh
     kz_base = kz_ptr + b * stride_ksb + kv * stride_ksh
-    vq_base = vq_ptr + b * stride_vqb + kv * stride_vqh
+    vq_base = vq_ptr.to(tl.pointer_type(tl.int32)) + b * stride_vqb + kv * stride_vqh
     vs_base = vs_ptr + b * stride_vsb + kv * stride_vsh
     vz_base = vz_ptr + b * stride_vsb + kv * stride_vsh
     sub_base = sub_ptr + b * stride_subb + kv * stride_subh
     rx_rows = rx_ptr + b * stride_rxb + head[None, :] * stride_rxh  # [1, BLOCK_M]
     t_lo = tile0 + pid * tiles_per_split
     t_hi = tl.minimum(tl.minimum(t_lo + tiles_per_split, tile0 + n_tiles), tl.cdiv(hi, BLOCK_N))
-    # Per tile, from HBM: BLOCK_N * (D + DV) * BITS / 8 code bytes (each byte then re-read PER - 1 times from L1),
-    # 2 * BLOCK_N * NGV value scale/zero elements, BLOCK_N / 8 bitmap bytes, 2 * D key scale/zero elements (once per
-    # key group: GROUP / BLOCK_N tiles share them) and, with a bias, its REP * SQ * BLOCK_N elements (L2 when the bias
-    # broadcasts over heads). E.g. D = DV = 128, 2 bits, GROUP = BLOCK_N = 64, bf16: 4096 + 512 + 8 + 512 = 5128
-    # bytes, 80 a token. Writes, with a ranking row: its REP * BLOCK_N fp32 logits (4 * REP bytes a token).
+    # Per tile, from HBM: BLOCK_N * (D + DV) * BITS / 8 code bytes (as int32 words, once), 2 * BLOCK_N * NGV value
+    # scale/zero elements, BLOCK_N / 8 bitmap bytes, 2 * D key scale/zero elements (once per key group: GROUP /
+    # BLOCK_N tiles share them) and, with a bias, its REP * SQ * BLOCK_N elements (L2 when the bias broadcasts over
+    # heads). E.g. D = DV = 128, 2 bits, GROUP = BLOCK_N = 64, bf16: 4096 + 512 + 8 + 512 = 5128 bytes, 80 a token.
+    # Writes, with a ranking row: its REP * BLOCK_N fp32 logits (4 * REP bytes a token).
     for t in range(t_lo, t_hi):
         n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         in_range = (n >= lo) & (n < hi)
         g = (t * BLOCK_N) // GROUP
         s = tl.load(ks_base + g * stride_ksg + dk * stride_ksd, mask=dk_mask, other=0.0).to(tl.float32)
         z = tl.load(kz_base + g * stride_ksg + dk * stride_ksd, mask=dk_mask, other=0.0).to(tl.float32)
-        kbyte = tl.load(kq_base + n[:, None] * stride_kqs + nb[None, :] * stride_kqd,
-                        mask=in_range[:, None] & nb_mask[None, :], other=0)  # [BLOCK_N, BLOCK_NB], each byte once
-        kc = _codes_f16(_expand_cols(kbyte, PER, BLOCK_N, BLOCK_NB), sk[None, :], BITS)  # [BLOCK_N, BLOCK_D]
-        qz = tl.sum(qt * z[:, None], axis=0)  # [BLOCK_M]
-        qs = qt * s[:, None]  # [BLOCK_D, BLOCK_M]
-        if PARTS == 0:
-            xt = split_dot_rhs(kc, qs, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PARTS, LB_DT, EMULATE)
-        else:
-            r_scale, r_inv = pow2_scale(tl.max(tl.abs(qs), axis=0), 14)
-            xt = split_dot_rhs(kc, qs * r_scale[None, :], tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PARTS,
-                               LB_DT, EMULATE) * r_inv[None, :]
-        xt = (qz[None, :] + xt) * qk_scale  # [BLOCK_N, BLOCK_M], log2 domain
+        kword = tl.load(kq_base + n[:, None] * stride_kqs + nw[None, :] * stride_kqd,
+                        mask=in_range[:, None] & nw_mask[None, :], other=0)  # [BLOCK_N, BLOCK_NW]
+        kc = _unpack_words(kword, BLOCK_N, BLOCK_NW, BITS, CODE_DT)  # [BLOCK_N, BLOCK_D]
+        qz = tl.sum(qts * z[:, None], axis=0)  # [BLOCK_M]
+        xt = split_dot_rhs(kc, qts * s[:, None], tl.broadcast_to(qz[None, :], [BLOCK_N, BLOCK_M]), PARTS, LB_DT,
+                           EMULATE)  # [BLOCK_N, BLOCK_M], log2 domain
         if HAS_BIAS:
             bias = tl.load(bias_rows + (n - lo)[:, None] * stride_bw, mask=in_range[:, None] & row_mask[None, :],
                            other=0.0)
@@ -241,9 +238,9 @@ def fused_decode_kernel(
             keep = in_range & (((word >> (n & 31)) & 1) == 0)
             x = tl.where(keep[:, None], xt, float("-inf"))
             p, alpha, m_i, l_i = _online_update_t(x, m_i, l_i)
-            vbyte = tl.load(vq_base + n[None, :] * stride_vqs + nbv[:, None] * stride_vqd,
-                            mask=nbv_mask[:, None] & in_range[None, :], other=0)  # [BLOCK_NBV, BLOCK_N]
-            vc = _codes_f16(_expand_rows(vbyte, PER, BLOCK_NBV, BLOCK_N), sv[:, None], BITS)  # [BLOCK_DV, BLOCK_N]
+            vword = tl.load(vq_base + n[:, None] * stride_vqs + nwv[None, :] * stride_vqd,
+                            mask=in_range[:, None] & nwv_mask[None, :], other=0)  # [BLOCK_N, BLOCK_NWV]
+            vc = tl.trans(_unpack_words(vword, BLOCK_N, BLOCK_NWV, BITS, CODE_DT))  # [BLOCK_DV, BLOCK_N]
             acc = acc * alpha[None, :]
             # Channel group gg: acc[group gg] += codes @ (p * vs[:, gg]) + p · vz[:, gg]. The product runs over all
             # columns and keeps group gg's (NGV products of [BLOCK_DV, BLOCK_N] x [BLOCK_N, BLOCK_M]).
@@ -251,15 +248,9 @@ def fused_decode_kernel(
                 vs_g = tl.load(vs_base + n * stride_vss + gg * stride_vsg, mask=in_range, other=0.0).to(tl.float32)
                 vz_g = tl.load(vz_base + n * stride_vss + gg * stride_vsg, mask=in_range, other=0.0).to(tl.float32)
                 pz = tl.sum(p * vz_g[:, None], axis=0)  # [BLOCK_M]
-                a = p * vs_g[:, None]  # [BLOCK_N, BLOCK_M]
-                zero = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.float32)
-                if PARTS == 0:
-                    pv = split_dot_rhs(vc, a, zero, PARTS, LB_DT, EMULATE)
-                else:
-                    # p <= 1, so |a| <= max |vs_g|: one power of two per tile keeps a in fp16's range
-                    v_scale, v_inv = pow2_scale(tl.max(tl.abs(vs_g), axis=0), 14)
-                    pv = split_dot_rhs(vc, a * v_scale, zero, PARTS, LB_DT, EMULATE) * v_inv
-                acc += tl.where((dv_grp == gg)[:, None], pv + pz[None, :], 0.0)
+                pv = split_dot_rhs(vc, p * vs_g[:, None], tl.broadcast_to(pz[None, :], [BLOCK_DV, BLOCK_M]), PARTS,
+                                   LB_DT, EMULATE)
+                acc += tl.where((dv_grp == gg)[:, None], pv, 0.0)
 
     # ---- full-precision tiles (an empty range for the low-bit programs): fetched rows, then the window -----------
     is_fp = (pid >= n_lb_splits).to(tl.int32)
