@@ -17,6 +17,7 @@ _ATTR = "_specache_runtime"
 # set by reset(): the store is empty, so compiling the module again (another config) stores nothing twice; the new
 # compile replaces the old runtime (its parameters, its compiled call and generate are rebound to the new one)
 _RESET = "_specache_reset"
+_GRAPHS = "_specache_graphs"  # the DecodeGraphs around the module's compiled call (decode_graphs.py)
 
 
 def compile(model: torch.nn.Module, config: Config | None = None, **overrides: Any) -> torch.nn.Module:  # noqa: A001
@@ -57,7 +58,11 @@ def compile(model: torch.nn.Module, config: Config | None = None, **overrides: A
     if gen is not None and hasattr(gen, "disable_compile"):
         gen.disable_compile = True
     model.compile(backend=functools.partial(specache_backend, runtime=runtime), dynamic=None)
-    model._compiled_call_impl = _inference_only(model._compiled_call_impl)
+    from .decode_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(model._compiled_call_impl, runtime, model)
+    setattr(model, _GRAPHS, graphs)
+    model._compiled_call_impl = _inference_only(graphs)
     if callable(getattr(type(model), "generate", None)):
         # this instance only (transformers' class is not patched); a bound method, so a copy of the model binds its own
         model.generate = types.MethodType(_generate_checked, model)
@@ -136,7 +141,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
     {"found": n, "rewritten": n, "skipped": n, "partial": n,
      "sites": {name: {"status": "rewritten" | "skipped" | "partial", "kind", "mode", "reason", "graphs"}},
-     "store": {name: {"length", "decode_steps", "fetched_rows", ..., "host", "device"}}, "bytes": {"host", "device"}}
+     "store": {name: {"length", "decode_steps", "fetched_rows", ..., "host", "device"}}, "bytes": {"host", "device"},
+     "cuda_graphs": {"captured", "replayed", "eager_steps", "kept"} or None}
     """
     runtime = runtime_of(model)
     runtime.check_deferred()
@@ -159,6 +165,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         "sites": sites,
         "store": runtime.site_stats(),
         "bytes": runtime.tier_bytes(),
+        # decode steps replayed as CUDA graphs (decode_graphs.py); absent for torch.compile(backend="specache")
+        "cuda_graphs": graphs.stats() if (graphs := getattr(model, _GRAPHS, None)) is not None else None,
     }
 
 
@@ -190,6 +198,9 @@ def reset(model: torch.nn.Module) -> None:
     compiled again, with another config (``specache.compile(model, policy="full")``), which replaces this runtime."""
     runtime = runtime_of(model)
     runtime.sites.clear()
+    graphs = getattr(model, _GRAPHS, None)
+    if graphs is not None:
+        graphs.graphs.clear()  # their memory: they replay the state of sequences that are gone
     setattr(model, _RESET, True)
 
 

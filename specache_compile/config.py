@@ -55,6 +55,9 @@ class Config:
     inner: what compiles the rewritten graph ("auto", "inductor", "aot_eager", "eager").
     measure_error: also compute exact attention at every decode step and record the relative error of the policy's
         output per layer (``specache.attention_error``). Costs a full fetch per step: for evaluation only.
+    cuda_graphs: replay the compiled model's one-token decode steps as CUDA graphs, under ``model.generate`` or any
+        loop, where the policy decodes through fixed-shape state on CUDA (specache_compile/decode_graphs.py). Off:
+        every step runs the compiled graph and the runtime from Python.
     policy_options: extra hyperparameters for non-default policies, by name.
     """
 
@@ -70,6 +73,7 @@ class Config:
     max_seq_len: int | None = None
     inner: Inner = Inner.AUTO
     measure_error: bool = False
+    cuda_graphs: bool = True
     policy_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
     def __post_init__(self) -> None:
@@ -103,7 +107,7 @@ class Config:
                 raise ValueError(f"specache.Config.{name}: expected an int >= 0, got {value!r}")
         if self.max_seq_len is not None:
             _positive_int("max_seq_len", self.max_seq_len)
-        for name in ("speculative", "lowbit_remainder", "measure_error"):
+        for name in ("speculative", "lowbit_remainder", "measure_error", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"specache.Config.{name}: expected True or False, got {getattr(self, name)!r}")
         if not isinstance(self.policy_options, dict):

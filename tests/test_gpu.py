@@ -153,6 +153,54 @@ def test_cuda_graph_generate_equals_eager_static():
         assert stats[0][key] == stats[1][key], key
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_model_generate_replays_graphs_and_equals_eager(batch):
+    """specache.compile then an unchanged model.generate (the bucketed StaticCache it defaults to for the static
+    policy): decode steps replayed as CUDA graphs (decode_graphs.py) give the tokens and the store's bookkeeping of the
+    same loop run eagerly (cuda_graphs=False), over two calls of different lengths."""
+    base = _bigger(torch.bfloat16)
+    runs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, topk=32, inner="inductor", cuda_graphs=graphs, policy_options={"static": True})
+        outs = []
+        for i, (s, n) in enumerate(((1500, 20), (1300, 16))):
+            ids = torch.randint(2, 128, (batch, s), device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+            with torch.no_grad():
+                outs.append(m.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n))
+        st = specache.stats(m)
+        runs.append((outs, next(iter(st["store"].values())), st["cuda_graphs"]))
+    (eager, st0, g0), (graphed, st1, g1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    for key in ("length", "decode_steps", "fetched_rows", "fetched_bytes"):
+        assert st0[key] == st1[key], key
+    assert g0["replayed"] == 0 and g1["captured"] == 2 and g1["replayed"] == (20 - 1 - 3) + (16 - 1 - 3), g1
+
+
+def test_cuda_replayed_steps_have_no_host_sync():
+    """A replayed step (input copies, the graph, the bookkeeping, the fresh outputs) never waits for the GPU."""
+    base = _bigger(torch.bfloat16)
+    torch._dynamo.reset()
+    m = twin(base)
+    specache.compile(m, topk=32, inner="inductor", policy_options={"static": True})
+    from transformers import StaticCache
+
+    cache = StaticCache(config=m.config, max_cache_len=2048)
+    ids = torch.randint(2, 128, (1, 1500), device="cuda")
+    with torch.no_grad():
+        tok = m(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        for i, p in enumerate(range(1500, 1512)):
+            torch.cuda.set_sync_debug_mode("error" if i >= 4 else 0)
+            try:
+                pos = torch.full((1, 1), p, device="cuda")
+                tok = m(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=pos,
+                        cache_position=pos[0]).logits[:, -1:].argmax(-1)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    assert specache.stats(m)["cuda_graphs"]["replayed"] == 12 - 3
+
+
 def test_cuda_static_decode_has_no_host_sync():
     base = _bigger(torch.bfloat16)
     torch._dynamo.reset()

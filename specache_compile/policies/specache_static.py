@@ -193,7 +193,7 @@ def replayed(site, steps: int) -> None:
     if speculating:
         pf.stats.issued += steps
         pf.stats.consumed += steps
-    if steps % 2:
+    if speculating and steps % 2:  # a speculative step fetches into the other slot; a plain step reads its own
         st.cur ^= 1
 
 

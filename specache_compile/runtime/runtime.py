@@ -29,6 +29,7 @@ log = logging.getLogger("specache")
 
 # How the model's cache lays out the keys the original attention read (set by the pass, see passes/kv_source.py).
 APPEND, INDEX, WINDOW = Layout.APPEND, Layout.INDEX, Layout.WINDOW
+_BUFFER_IS_TOKEN = -1  # Site.buffer_ptr: the index-mode buffer is the placeholder of the token handed out next
 _RETIRED_KEPT = 8  # earlier cache tokens kept alive per site: their storage cannot be reused by a later token
 
 # Step modes (Runtime.stepping): how the runtime reads the next calls. See specache_compile/generate.py.
@@ -97,6 +98,8 @@ class Runtime:
         self.streams = Streams()
         self.capacity_hint = 0  # tokens the next sequence will reach (specache.generate sets it): one allocation
         self.calls = 0  # attend calls served: specache.generate checks every model call reached the runtime
+        # attend calls that were a plain one-token static decode step: decode_graphs proves a call capturable by it
+        self.plain_static_steps = 0
         self.step_mode = NORMAL
         self._serial = 0  # sequences started: a token's storage size carries it (Runtime.token)
         self._pos_bad: torch.Tensor | None = None
@@ -205,7 +208,9 @@ class Runtime:
                 self._check_buffer(site, cache)
                 self._follow_start(site, start)
             if start == 0:
-                site.buffer_ptr = cache.data_ptr() if cache is not None else 0
+                # a buffer the prefill graph allocated itself (a lazily initialised StaticCache layer) is the
+                # placeholder expanded from the token this call hands out: token() records its address
+                site.buffer_ptr = cache.data_ptr() if cache is not None else _BUFFER_IS_TOKEN
             first = 0
         if site is not None and "static" in site.tier and site.length > 0 and not (mode == INDEX and (sq == 1 or
                                                                                                   speculating)):
@@ -314,6 +319,8 @@ class Runtime:
         bias = shared.get(("bias", id(mask), sq, base_len, q.device), lambda: (mask, make_bias()))[1]
         out = self.policy.decode_static(site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         site.count_static_steps(n_real, speculating)
+        if not speculating and sq == 1:
+            self.plain_static_steps += 1
         if self.config.measure_error and n_real:
             # the real rows against exact attention over the stored tokens (host counters: an eager step only; a
             # CUDA graph replay runs no Python, and generate refuses cuda_graph with measure_error)
@@ -356,6 +363,8 @@ class Runtime:
             buf[: site.batch].copy_(torch.arange(site.batch))
             site.master = buf
         site.token = site.master.clone()[: site.batch].view(site.batch, 1, 1, 1)
+        if site.buffer_ptr == _BUFFER_IS_TOKEN:
+            site.buffer_ptr = site.token.data_ptr()
         return site.token
 
     def _retire(self, site: Site, valid: int) -> None:
@@ -443,11 +452,13 @@ class Runtime:
     def _check_buffer(self, site: Site, cache: torch.Tensor | None) -> None:
         """An index-mode cache writes in place into one buffer for the whole sequence; another buffer means the cache
         was copied or reordered (reorder_cache gathers a new one), which the store cannot follow."""
-        if cache is not None and site.buffer_ptr and cache.data_ptr() != site.buffer_ptr:
+        if cache is not None and site.buffer_ptr > 0 and cache.data_ptr() != site.buffer_ptr:
+            fix = ("compile without policy_options['static'] and use a DynamicCache" if self.policy.static
+                   else "use a DynamicCache (pass cache_implementation='dynamic' to model.generate)")
             raise CacheMismatch(
                 f"specache: site {site.name}: the model's StaticCache buffers were replaced since its prefill (a beam "
                 "search reorder_cache or a copy of the cache); specache cannot follow a static cache's reorder or "
-                "copy. Fix: use a DynamicCache (the default) for beam search and cache copies."
+                f"copy. Fix: {fix} for beam search and cache copies."
             )
 
     @staticmethod

@@ -1,0 +1,235 @@
+"""The compiled model's one-token decode steps replayed as CUDA graphs, under any loop that calls it.
+
+``specache.compile(model)`` wraps the module's compiled call in :class:`DecodeGraphs`. Why here and not in a
+generation loop of ours: transformers' ``model.generate``, a hand-written forward loop and a gpt-fast-style module all
+call that one function, and a call of the compiled model runs Dynamo's guards, the pass's graph and, per layer, the
+runtime's Python (tens of milliseconds a step for an 8B-shaped model, several times its GPU time). Where the policy
+decodes through fixed-shape state (``policy.static``: every shape fixed by the cache's capacity, every length a
+device scalar, no host sync; policies/specache_static.py) a step launches the same kernels with the same arguments
+each time, so it is captured once and replayed: the step then costs its GPU time plus the copies of its inputs.
+
+Which calls are replayed, and why they are safe:
+
+- **Key.** Every call is keyed by what decides the work it does: each tensor argument's shape, strides, dtype and
+  device; every other argument's value (or identity for objects, such as the cache); grad/inference mode; the
+  module's training flag; the identity and prefetch-slot parity of every site's static state (a new sequence builds
+  new state, so graphs never outlive their sequence).
+- **Proof by an eager call.** A key is captured only after an eager call with that key ran as a plain static decode
+  step at every site it reached, without building state (the first step after a prefill builds it) and leaving the
+  key unchanged. The call after that is captured and replayed; every later one is replayed.
+- **Checks before a replay.** The key again, and the cache tensors of every cache argument (a StaticCache's layers):
+  a beam-search ``reorder_cache`` or a copy replaces them, and the eager call then raises the store's
+  ``CacheMismatch`` as it would without graphs. A write position that is not the next one (a cache rewound by hand)
+  is flagged on the device by the captured step itself and raised by ``check_deferred`` (end of ``model.generate``,
+  ``specache.stats``).
+- **Fresh outputs.** The graph writes its outputs into the same memory every replay: a call returns clones, so a
+  loop that keeps the logits of several steps keeps what each step computed.
+
+Host-side counters (stored lengths, decode steps, fetched rows) advance per replay through
+``specache_static.replayed``, the same bookkeeping ``specache.generate(cuda_graph=True)`` uses.
+
+Off with ``Config.cuda_graphs=False``; never on CPU, under ``measure_error`` (its exact attention reads the host) or
+inside a capture already under way (``specache.generate(cuda_graph=True)`` captures its own speculative steps).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+log = logging.getLogger("specache")
+
+_SAFE_KEPT = 8  # keys proven safe and not yet captured: a loop whose shapes change every step proves nothing twice
+
+
+class DecodeGraphs:
+    """The compiled call of a specache-compiled module, with its one-token static decode steps replayed as CUDA
+    graphs (see the module docstring). ``capture=False`` swaps the CUDA graph for a re-run of the call on the staged
+    inputs: the CPU tests check the keys, the staging and the refusals with it."""
+
+    def __init__(self, call, runtime, module: torch.nn.Module, capture: bool = True) -> None:
+        self.call = call
+        self.runtime = runtime
+        self._module_training = lambda: module.training  # no reference cycle through a bound method of the module
+        self.capture = capture
+        self.graphs: dict[tuple, _Graph] = {}
+        self._safe: OrderedDict[tuple, None] = OrderedDict()
+        self._pool = None
+        self.captured = 0  # graphs captured
+        self.replayed = 0  # calls served by a replay
+        self.eager_steps = 0  # static decode steps that ran from Python (warm-up, or keys never proven)
+
+    # -- the call -------------------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any):
+        if not self._eligible():
+            return self.call(*args, **kwargs)
+        key = self._key(args, kwargs)
+        graph = self.graphs.get(key)
+        if graph is not None and graph.still_valid(args, kwargs):
+            self.replayed += 1
+            return graph.replay(args, kwargs)
+        if graph is None and key in self._safe:
+            return self._capture(key, args, kwargs)
+        return self._eager(key, args, kwargs)
+
+    def _eligible(self) -> bool:
+        rt = self.runtime
+        if not (rt.config.cuda_graphs and rt.policy.static) or rt.config.measure_error or rt.step_mode != "normal":
+            return False
+        if not torch.cuda.is_available() and self.capture:
+            return False
+        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+    def _eager(self, key: tuple, args, kwargs):
+        rt = self.runtime
+        calls, plain = rt.calls, rt.plain_static_steps
+        out = self.call(*args, **kwargs)
+        ran, static = rt.calls - calls, rt.plain_static_steps - plain
+        if static:
+            self.eager_steps += 1
+        if ran and ran == static and self._key(args, kwargs) == key:
+            # a plain static decode step at every site, which built no state: the next call of this key is captured
+            self._safe[key] = None
+            self._safe.move_to_end(key)
+            while len(self._safe) > _SAFE_KEPT:
+                self._safe.popitem(last=False)
+        return out
+
+    def _capture(self, key: tuple, args, kwargs):
+        del self._safe[key]
+        seq = key[0]
+        for k in [k for k in self.graphs if k[0] != seq]:  # graphs of an earlier sequence replay dead state
+            del self.graphs[k]
+        graph = _Graph(self, args, kwargs)
+        self.graphs[key] = graph
+        self.captured += 1
+        return graph.first_output()
+
+    # -- keys -----------------------------------------------------------------------------------------------------
+    def _key(self, args, kwargs) -> tuple:
+        rt = self.runtime
+        states = tuple((name, id(s.tier.get("static")), getattr(s.tier.get("static"), "cur", None))
+                       for name, s in rt.sites.items())
+        return (states, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), self._module_training(),
+                tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in sorted(kwargs.items())))
+
+    def stats(self) -> dict[str, int]:
+        return {"captured": self.captured, "replayed": self.replayed, "eager_steps": self.eager_steps,
+                "kept": len(self.graphs)}
+
+
+def _arg_key(x: Any):
+    if isinstance(x, torch.Tensor):
+        return ("T", tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, tuple(_arg_key(v) for v in x))
+    return ("O", id(x))
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    """The tensor arguments of a call, in the order the key lists them."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+
+    for a in args:
+        walk(a)
+    for _, v in sorted(kwargs.items()):
+        walk(v)
+    return out
+
+
+def _cache_tensors(args, kwargs) -> tuple[int, ...]:
+    """Addresses of the KV tensors every cache argument holds (objects with transformers' ``layers``): a reorder or a
+    copy replaces them, and a replay would then read the old ones."""
+    ptrs = []
+    for x in (*args, *kwargs.values()):
+        for layer in getattr(x, "layers", None) or ():
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    ptrs.append(t.data_ptr())
+    return tuple(ptrs)
+
+
+def _fresh(x: Any):
+    """``x`` with every tensor the graph wrote cloned (a tensor, a tuple or list of them, a ModelOutput); other
+    objects (the cache) as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)) and not hasattr(x, "keys"):
+        return type(x)(_fresh(v) for v in x)
+    if isinstance(x, dict):
+        return type(x)(**{k: _fresh(v) for k, v in x.items()})
+    return x
+
+
+class _Graph:
+    """One captured decode step: the staged inputs it reads, the outputs it writes, and its replay."""
+
+    def __init__(self, owner: DecodeGraphs, args, kwargs) -> None:
+        self.owner = owner
+        rt = owner.runtime
+        # the staged inputs: this call's tensors, copied; the graph reads these addresses on every replay
+        self.inputs = [t.clone() for t in _tensors(args, kwargs)]
+        it = iter(self.inputs)
+
+        def staged(x):
+            if isinstance(x, torch.Tensor):
+                return next(it)
+            if isinstance(x, (tuple, list)):
+                return type(x)(staged(v) for v in x)
+            return x
+
+        s_args = tuple(staged(a) for a in args)
+        s_kwargs = {k: staged(v) for k, v in sorted(kwargs.items())}
+        self.cache_ptrs = _cache_tensors(args, kwargs)
+        self.sites = [s for s in rt.sites.values() if "static" in s.tier]
+        self.calls = 0
+        if owner.capture:
+            dev = self.inputs[0].device if self.inputs else torch.device("cuda")
+            self.graph = torch.cuda.CUDAGraph()
+            calls = rt.calls
+            # NOTE: capturing runs the step's Python once (the runtime's host counters advance once) and records its
+            # kernels without running them; the replay below runs them: together, one step
+            with torch.cuda.graph(self.graph, pool=owner._pool):
+                self.out = owner.call(*s_args, **s_kwargs)
+                rt.streams.join(dev)  # a fetch issued on the side stream joins back before the capture ends
+            owner._pool = self.graph.pool()
+            self.calls = rt.calls - calls
+            self.graph.replay()
+        else:
+            self._rerun = lambda: owner.call(*s_args, **s_kwargs)
+            self.out = self._rerun()
+
+    def first_output(self):
+        return _fresh(self.out)
+
+    def still_valid(self, args, kwargs) -> bool:
+        return _cache_tensors(args, kwargs) == self.cache_ptrs
+
+    def replay(self, args, kwargs):
+        for dst, src in zip(self.inputs, _tensors(args, kwargs)):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        if not self.owner.capture:
+            return _fresh(self._rerun())
+        self.graph.replay()
+        from .policies import specache_static
+
+        for site in self.sites:
+            specache_static.replayed(site, 1)
+        rt = self.owner.runtime
+        rt.calls += self.calls
+        rt.plain_static_steps += self.calls
+        return _fresh(self.out)

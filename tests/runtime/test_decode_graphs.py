@@ -1,0 +1,154 @@
+"""The decode steps of any loop replayed as CUDA graphs (specache_compile/decode_graphs.py), CPU.
+
+There is no CUDA here: ``capture=False`` replays a step by re-running the compiled call on the staged inputs, so
+these tests check what decides a replay (keys, the eager proof, the cache checks), that every input reaches the
+staged copies and that outputs come back fresh. tests/test_gpu.py replays real graphs."""
+
+from __future__ import annotations
+
+import hf_models
+import pytest
+import torch
+
+import specache
+from specache_compile.runtime.runtime import CacheMismatch
+
+
+def _compiled(base, **kw):
+    m = specache.compile(hf_models.twin(base), topk=4096, window=16, group_size=16, policy_options={"static": True},
+                         **kw)
+    graphs = m._specache_graphs
+    graphs.capture = False  # re-run instead of a CUDA graph: see the module docstring
+    return m, graphs
+
+
+def _ids(n, seed, vocab=128):
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_model_generate_replays_its_decode_steps_and_equals_the_unmodified_model():
+    base = hf_models.build("llama", seed=0)
+    m, graphs = _compiled(base)
+    for i, (s, n) in enumerate(((40, 10), (47, 7))):
+        ids = _ids(s, i)
+        before = dict(graphs.stats())
+        out = m.generate(ids, max_new_tokens=n, do_sample=False)
+        assert torch.equal(out, base.generate(ids, max_new_tokens=n, do_sample=False)), (s, n)
+        got = graphs.stats()
+        # decode calls: n - 1; the first builds the static state, the second proves the key, the third captures
+        assert got["captured"] - before["captured"] == 1
+        assert got["replayed"] - before["replayed"] == n - 1 - 3
+        assert got["kept"] == 1  # the earlier sequence's graph went with its state
+        st = specache.stats(m)
+        assert st["cuda_graphs"] == got
+        assert all(v["length"] == s + n - 1 for v in st["store"].values())
+
+
+@torch.no_grad()
+def test_a_hand_loop_keeps_each_steps_logits():
+    """Outputs are clones: a loop that keeps every step's logits keeps what each step computed, not the last."""
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", seed=1)
+    m, graphs = _compiled(base)
+    ids = _ids(30, 3)
+
+    def loop(model, cache):
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        kept, tok = [], out.logits[:, -1:].argmax(-1)
+        for p in range(30, 38):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[p]]), cache_position=torch.tensor([p]))
+            kept.append(out.logits)
+            tok = out.logits[:, -1:].argmax(-1)
+        return torch.cat(kept, 1)
+
+    got = loop(m, StaticCache(config=m.config, max_cache_len=64))
+    ref = loop(base, StaticCache(config=base.config, max_cache_len=64))
+    assert graphs.stats()["replayed"] == 8 - 3
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_replaced_cache_is_refused_not_replayed():
+    """A reorder (beam search) or copy gives the cache new tensors: no replay of the old addresses; the eager call
+    raises the store's refusal."""
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", seed=2)
+    m, graphs = _compiled(base)
+    cache = StaticCache(config=m.config, max_cache_len=64)
+    ids = torch.cat([_ids(20, 4), _ids(20, 5)])
+
+    def step(tok, p):
+        return m(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p], [p]]),
+                 cache_position=torch.tensor([p])).logits[:, -1:].argmax(-1)
+
+    tok = m(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    for p in range(20, 25):
+        tok = step(tok, p)
+    assert graphs.stats()["replayed"] == 2
+    cache.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(CacheMismatch, match="buffers were replaced"):
+        step(tok, 25)
+    assert graphs.stats()["replayed"] == 2
+
+
+@torch.no_grad()
+def test_beam_search_over_the_static_policy_is_refused():
+    """model.generate's default cache for a static policy is a StaticCache, which beam search reorders outside the
+    graph: refused (the prefill allocates the cache's buffer, whose placeholder is what the check compares)."""
+    base = hf_models.build("llama", seed=6)
+    m, _ = _compiled(base)
+    with pytest.raises(CacheMismatch, match="buffers were replaced.*without policy_options"):
+        m.generate(_ids(20, 8), max_new_tokens=6, num_beams=3, do_sample=False)
+
+
+@torch.no_grad()
+def test_a_rewound_write_position_is_raised():
+    """A replayed step whose cache writes somewhere else than the next position is refused: on CUDA (positions on the
+    device) the captured step flags it and the next check raises (here specache.stats); the re-run that stands in for
+    a replay here reads the host positions and raises at once."""
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", seed=3)
+    m, graphs = _compiled(base)
+    cache = StaticCache(config=m.config, max_cache_len=64)
+    tok = m(input_ids=_ids(20, 5), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    def step(tok, p):
+        for layer in cache.layers:  # transformers that write at the layer's own counter
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and layer.is_initialized:
+                layer.cumulative_length.fill_(p)
+        return m(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
+                 cache_position=torch.tensor([p])).logits[:, -1:].argmax(-1)
+
+    for p in (20, 21, 22, 23):
+        tok = step(tok, p)
+    assert graphs.stats()["replayed"] == 1
+    with pytest.raises(CacheMismatch, match="other positions than the next one|rewound to position 21"):
+        step(tok, 21)  # rewinds by hand
+        specache.stats(m)
+
+
+@torch.no_grad()
+def test_off_when_asked_or_when_measuring_error():
+    base = hf_models.build("llama", seed=4)
+    ids = _ids(30, 6)
+    for kw in ({"cuda_graphs": False}, {"measure_error": True}):
+        m, graphs = _compiled(base, **kw)
+        m.generate(ids, max_new_tokens=8, do_sample=False)
+        assert graphs.stats()["captured"] == 0 and graphs.stats()["replayed"] == 0, kw
+    with pytest.raises(ValueError, match="cuda_graphs: expected True or False"):
+        specache.Config(cuda_graphs="yes")
+
+
+@torch.no_grad()
+def test_policies_without_a_static_decode_are_never_replayed():
+    base = hf_models.build("llama", seed=5)
+    m = specache.compile(hf_models.twin(base), policy="full")
+    m._specache_graphs.capture = False
+    ids = _ids(30, 7)
+    out = m.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="specache")
+    assert torch.equal(out, base.generate(ids, max_new_tokens=8, do_sample=False))
+    assert specache.stats(m)["cuda_graphs"]["replayed"] == 0
