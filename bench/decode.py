@@ -493,6 +493,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             else:
                 mem = specache.memory(m)
                 kv_dev, host = mem["device"], mem["host"]
+                # decode steps replayed as CUDA graphs / run from Python (specache_compile/decode_graphs.py)
+                row["cuda_graphs"] = specache.stats(m)["cuda_graphs"]
                 specache.reset(m)
         else:
             key = method
