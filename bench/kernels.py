@@ -56,7 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--fused-contexts", default="32768,131072", help="contexts of the fused_decode rows")
     ap.add_argument("--fused-batches", default="1,8", help="batch sizes of the fused_decode rows")
     ap.add_argument("--fused-sweep", default="64:4:2,32:4:2,64:8:2,64:4:3,32:8:3",
-                    help="launch shapes tile:warps:stages timed at the first fused point ('' for none)")
+                    help="launch shapes tile:warps:stages[:programs_per_sm] timed at the first fused point ('' for "
+                         "none)")
     ap.add_argument("--only-fused", action="store_true", help="the peaks and the fused_decode rows only")
     ap.add_argument("--sweep-only", action="store_true",
                     help="with --only-fused: the launch-shape rows alone (one shape a process: a shape that faults "
@@ -286,17 +287,37 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
     return s_t, sel_t, a_t
 
 
+_LAUNCH = ("_TILE", "_NUM_WARPS", "_NUM_STAGES", "_PROGRAMS_PER_SM")  # a sweep shape: tile:warps:stages[:per_sm]
+
+
 @contextlib.contextmanager
-def _fused_launch(tile: int, warps: int, stages: int):
-    """kernels/fused_ops.py's launch shape set to (tile, warps, stages) for the duration (a sweep row)."""
+def _fused_launch(*shape: int):
+    """kernels/fused_ops.py's launch shape set to (tile, warps, stages[, programs per SM]) for the duration (a sweep
+    row)."""
     from specache_compile.kernels import fused_ops
 
-    old = fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES
-    fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES = tile, warps, stages
+    names = _LAUNCH[: len(shape)]
+    old = [getattr(fused_ops, n) for n in names]
+    for n, v in zip(names, shape):
+        setattr(fused_ops, n, v)
     try:
         yield
     finally:
-        fused_ops._TILE, fused_ops._NUM_WARPS, fused_ops._NUM_STAGES = old
+        for n, v in zip(names, old):
+            setattr(fused_ops, n, v)
+
+
+def kernel_breakdown(fn, n: int = 20) -> dict[str, float]:
+    """GPU time per call of each kernel fn launches, us (torch.profiler, n calls after a warm-up): which of the
+    op's kernels takes the time."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.self_device_time_total / n for e in prof.key_averages()
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0}
 
 
 def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, g, sweep=()) -> None:
@@ -342,14 +363,16 @@ def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, 
     must = lowbit + cols + bias.numel() * ELEM + q.numel() * ELEM
     logits = 2 * batch * HQ * nq * 4
     extra = dict(batch=batch, lowbit_bytes=lowbit, logits_roundtrip_bytes=logits)
-    for tile, warps, stages in sweep:
-        with _fused_launch(tile, warps, stages):
-            rec.time(f"fused_decode[tile={tile},warps={warps},stages={stages}]", n, bits, must, fused, d2d, args.rep)
-        rec.rows[-1].update(extra)
+    for shape in sweep:
+        with _fused_launch(*shape):
+            name = ",".join(f"{k}={v}" for k, v in zip(("tile", "warps", "stages", "per_sm"), shape))
+            rec.time(f"fused_decode[{name}]", n, bits, must, fused, d2d, args.rep)
+            rec.rows[-1].update(extra, kernel_us=kernel_breakdown(fused))
     if args.sweep_only:
         return
     _, dev_us = rec.time("fused_decode", n, bits, must, fused, d2d, args.rep)
-    rec.rows[-1].update(extra, device_gbps_with_logits=(must + logits) / (dev_us * 1e-6) / 1e9)
+    rec.rows[-1].update(extra, device_gbps_with_logits=(must + logits) / (dev_us * 1e-6) / 1e9,
+                        kernel_us=kernel_breakdown(fused))
     for name, rank_row, k, attend in (("fused_decode_attend_only", -1, 0, True),
                                       ("fused_decode_rank_only", sq - 1, topk, False)):
         def part(rank_row=rank_row, k=k, attend=attend):
@@ -440,6 +463,9 @@ def main(argv=None) -> int:
         for r in fused:
             print(f"{r['kernel']:<62}{r['batch']:>6}{r['context']:>8}{r['bits']:>5}{r['device_us']:>9.1f}"
                   f"{r['device_pct_of_peak']:>6.1f}")
+            if r.get("kernel_us"):  # the op's kernels, profiled: where its GPU time goes
+                print("    " + ", ".join(f"{k.split('(')[0][:40]} {v:.1f}" for k, v in
+                                        sorted(r["kernel_us"].items(), key=lambda kv: -kv[1])[:6]))
     for n, bits, (s_t, sel_t, a_t), sdpa in paths:
         em = base["eager_matmul_bf16_cache", n]["device_us"]
         total = s_t[1] + sel_t[1] + a_t[1]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor  # noqa: F401 (the op's annotations name it: schema inference resolves them here)
 
 from . import reference as ref
-from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _interpreted, _select_block_n, bias_args, split_plan
+from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _device_sms, _interpreted, _select_block_n, bias_args, split_plan
 
 try:
     import triton
@@ -42,6 +42,12 @@ _MAX_TOPK = 2048  # the largest block of the top-k's bitonic sort
 _TILE = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 2
+# Flash-decoding split over the keys: about _PROGRAMS_PER_SM low-bit programs per SM over the grid (the pass is
+# latency-bound: at ~190 registers a thread two 4-warp programs fit an SM, and more programs queued behind them keep
+# it busy through the short full-precision splits), each at least _MIN_TILES_PER_SPLIT tiles (a split's partial
+# output, REP*Sq*(Dv+2) fp32 written and merged, stays small next to what it reads). bench/kernels.py sweeps both.
+_PROGRAMS_PER_SM = 4
+_MIN_TILES_PER_SPLIT = 4
 
 
 def register_op(name: str, reference: Callable, kernel: Callable, use_kernel: Callable, fake: Callable):
@@ -146,6 +152,9 @@ def _fused_decode_triton(
     fw = k_win.shape[2]
     n_f_tiles = triton.cdiv(f, block_n)
     n_fp_tiles = n_f_tiles + triton.cdiv(fw, block_n)
+    if tiles_per_split is None:
+        target = max(1, _PROGRAMS_PER_SM * _device_sms(q) // (b * hkv))
+        tiles_per_split = max(_MIN_TILES_PER_SPLIT, triton.cdiv(n_tiles, target))
     tiles_per_split, n_lb, fp_tiles_per_split, ns = split_plan(q, n_tiles, n_fp_tiles, hkv, d, dv, bits,
                                                                tiles_per_split)
 

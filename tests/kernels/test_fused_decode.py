@@ -270,6 +270,20 @@ def test_reference_modes():
     assert out.shape == (1, 8, 2, 64) and top.shape == (1, 2, 0)
 
 
+def test_kernel_takes_rows_of_whole_words(monkeypatch):
+    """The kernel reads a token's codes as int32 words: head dims whose codes end inside a word run the reference."""
+    from specache_compile.kernels import fused_ops as fo
+
+    if not fo.HAS_TRITON:
+        pytest.skip("needs Triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the kernel may run on CPU tensors
+    for d, bits, want in ((64, 1, True), (48, 2, True), (16, 1, False), (16, 4, True), (48, 1, False)):
+        inp = make_inputs(1, 1, 2, 1, d, 20, 16, bits, torch.float32, 3, 3, 7)
+        got = fo.fused_decode_supported(inp["q"], inp["kq"], inp["ks"], inp["vs"], inp["k_fp"], inp["v_fp"],
+                                        inp["k_win"], bits, 16, inp["rank_row"], inp["k"])
+        assert got == want, (d, bits)
+
+
 def test_op_fake_and_cpu_kernel():
     inp = make_inputs(2, 2, 2, 1, 64, 40, 16, 1, torch.float32, 4, 3, 6)
     got = torch.ops.specache.fused_decode(*inp.values())
@@ -335,6 +349,33 @@ KERNEL_CASES["rank-only"] = ((1, 1, 4, 2, 64, 40, 16, 2, torch.float32, 5, 3, 40
 KERNEL_CASES["attend-only"] = ((1, 2, 4, 2, 64, 40, 16, 1, torch.float32, 5, 3, 401), {"rank_row": -1}, None)
 KERNEL_CASES["lo-ragged"] = ((3, 1, 4, 2, 64, 70, 16, 2, torch.bfloat16, 6, 4, 402), {"lo": 9, "ragged": True}, 1)
 KERNEL_CASES["d128-ngv2"] = ((1, 1, 2, 1, 128, 100, 64, 4, torch.float32, 5, 3, 403), {"k": 16}, None)
+# the fetched rows are the ranking's own top positions (the largest scores are substituted: attention's softmax
+# maximum is then above every term it attends), and packed codes that are a strided, not word-aligned view
+KERNEL_CASES["subst-top"] = ((2, 2, 4, 2, 64, 90, 16, 2, torch.float32, 9, 3, 404), {"subst": "top"}, 1)
+KERNEL_CASES["codes-unaligned"] = ((1, 2, 4, 1, 64, 50, 16, 1, torch.bfloat16, 5, 3, 405), {"subst": "unaligned"},
+                                   None)
+
+
+def _variant(inp, how):
+    """subst="top": fetched rows at the ranking's top positions, holding their dequantized keys and values (the
+    static path fetches the full-precision rows of what the low-bit copy ranks first); "unaligned": the packed codes
+    as views one byte into a wider buffer (rows not word-aligned)."""
+    if how == "top":
+        n = inp["fp_pos"].shape[-1] - 1
+        _, top = ref.fused_decode(**{**inp, "k": n, "attend": False})
+        inp["fp_pos"][..., :n] = top
+        k_all = ref.dequantize_keys(inp["kq"], inp["ks"], inp["kz"], inp["bits"], inp["group"], torch.float32)
+        v_all = ref.dequantize_values(inp["vq"], inp["vs"], inp["vz"], inp["bits"], inp["group"], torch.float32)
+        idx = top.clamp(min=0)[..., None]
+        inp["k_fp"][..., :n, :] = k_all.gather(2, idx.expand(-1, -1, -1, k_all.shape[-1])).to(inp["k_fp"].dtype)
+        inp["v_fp"][..., :n, :] = v_all.gather(2, idx.expand(-1, -1, -1, v_all.shape[-1])).to(inp["v_fp"].dtype)
+    elif how == "unaligned":
+        for name in ("kq", "vq"):
+            c = inp[name]
+            wide = torch.zeros((*c.shape[:-1], c.shape[-1] + 1), dtype=c.dtype)
+            wide[..., 1:] = c
+            inp[name] = wide[..., 1:]
+    return inp
 
 
 def _run_interpreted(path: str, shard: int, shards: int) -> None:
@@ -349,7 +390,9 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
     for i, (cid, (args, kw, tiles)) in enumerate(KERNEL_CASES.items()):
         if i % shards != shard:
             continue
-        inp = make_inputs(*args, **kw)
+        kw = dict(kw)
+        subst = kw.pop("subst", None)
+        inp = _variant(make_inputs(*args, **kw), subst)
         try:
             assert fo.fused_decode_supported(inp["q"], inp["kq"], inp["ks"], inp["vs"], inp["k_fp"], inp["v_fp"],
                                              inp["k_win"], inp["bits"], inp["group"], inp["rank_row"], inp["k"])
@@ -370,6 +413,8 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("cid", list(KERNEL_CASES))
 def test_kernel_interpreted(interpreted, cid):
     inp, got = interpreted["fused"][cid]
+    if cid == "codes-unaligned":
+        assert inp["kq"].stride(-2) % 4 != 0  # the case tests what it says
     if isinstance(got, str):
         raise AssertionError(f"the kernel raised {got}")
     _check(inp, *got)

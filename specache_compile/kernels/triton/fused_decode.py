@@ -48,6 +48,11 @@ def _online_update_t(xt, m_i, l_i):
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _unpack_words(x, R: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
     # x: int32 [R, NW], each word 32 // BITS codes (code c at bit c * BITS) -> the codes [R, NW * 32 // BITS] as DT
     # (bf16 or fp16), exactly, in column order (word w, shift i, half h): column (w * H + i) * 2 + h = code h * H + i
@@ -226,18 +231,31 @@ def fused_decode_kernel(
             bias = tl.load(bias_rows + (n - lo)[:, None] * stride_bw, mask=in_range[:, None] & row_mask[None, :],
                            other=0.0)
             xt += bias.to(tl.float32) * LOG2E
+        # One softmax maximum for the attention and the ranking: the largest score in range, substituted tokens
+        # included. Attention drops those (p = 0) but attends their full-precision rows at about the same score, so
+        # a maximum above its own terms loses nothing at fp32 precision; both then share alpha, and a tile costs one
+        # max and one (paired) sum across the tile instead of two each.
+        x = tl.where(in_range[:, None], xt, float("-inf"))
         if RANK_ROW >= 0:
-            xr = tl.where(in_range[:, None], xt, float("-inf"))
-            tl.store(rx_rows + (n - lo)[:, None], xr, mask=in_range[:, None] & rank_mask[None, :])
-            xr = tl.where(rank_mask[None, :], xr, float("-inf"))
-            _, _, mr, lr = _online_update_t(xr, mr, lr)
-        if ATTEND:
+            tl.store(rx_rows + (n - lo)[:, None], x, mask=in_range[:, None] & rank_mask[None, :])
+        m_new = tl.maximum(m_i, tl.max(x, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(x - m_safe[None, :])  # [BLOCK_N, BLOCK_M], 0 out of range
+        m_i = m_new
+        if not ATTEND:
+            lr = lr * alpha + tl.sum(pr, axis=0)
+        else:
             # substituted tokens are read like the others (their loads depend on the loop index alone, so they are
-            # issued together and pipelined) and dropped through x = -inf, p = 0
+            # issued together and pipelined) and dropped through p = 0
             word = tl.load(sub_base + (n >> 5), mask=in_range, other=0)
-            keep = in_range & (((word >> (n & 31)) & 1) == 0)
-            x = tl.where(keep[:, None], xt, float("-inf"))
-            p, alpha, m_i, l_i = _online_update_t(x, m_i, l_i)
+            p = tl.where((((word >> (n & 31)) & 1) != 0)[:, None], 0.0, pr)
+            if RANK_ROW >= 0:
+                sp, spr = tl.reduce((p, pr), 0, _add_pair)
+                lr = lr * alpha + spr
+            else:
+                sp = tl.sum(p, axis=0)
+            l_i = l_i * alpha + sp
             vword = tl.load(vq_base + n[:, None] * stride_vqs + nwv[None, :] * stride_vqd,
                             mask=in_range[:, None] & nwv_mask[None, :], other=0)  # [BLOCK_N, BLOCK_NWV]
             vc = tl.trans(_unpack_words(vword, BLOCK_N, BLOCK_NWV, BITS, CODE_DT))  # [BLOCK_DV, BLOCK_N]
@@ -287,7 +305,8 @@ def fused_decode_kernel(
         tl.store(pm_ptr + pm, m_i, mask=row_mask)
         tl.store(pl_ptr + pm, l_i, mask=row_mask)
     if RANK_ROW >= 0:
-        tl.store(rm_ptr + pm, mr, mask=rank_mask)
+        # a low-bit program's ranking maximum is its softmax maximum (see the tile loop)
+        tl.store(rm_ptr + pm, tl.where(pid < n_lb_splits, m_i, mr), mask=rank_mask)
         tl.store(rl_ptr + pm, lr, mask=rank_mask)
 
 
