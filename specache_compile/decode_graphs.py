@@ -57,7 +57,7 @@ class DecodeGraphs:
         self.capture = capture
         self.graphs: dict[tuple, _Graph] = {}
         self._safe: OrderedDict[tuple, None] = OrderedDict()
-        self._pool = None
+        self.disabled = False  # a capture failed: no more graphs for this model
         self.captured = 0  # graphs captured
         self.replayed = 0  # calls served by a replay
         self.eager_steps = 0  # static decode steps that ran from Python (warm-up, or keys never proven)
@@ -77,7 +77,8 @@ class DecodeGraphs:
 
     def _eligible(self) -> bool:
         rt = self.runtime
-        if not (rt.config.cuda_graphs and rt.policy.static) or rt.config.measure_error or rt.step_mode != "normal":
+        if self.disabled or not (rt.config.cuda_graphs and rt.policy.static) or rt.config.measure_error or \
+                rt.step_mode != "normal":
             return False
         if not torch.cuda.is_available() and self.capture:
             return False
@@ -100,10 +101,21 @@ class DecodeGraphs:
 
     def _capture(self, key: tuple, args, kwargs):
         del self._safe[key]
+        # one memory pool for every graph: taken from a graph still alive, because a pool whose graphs are all gone is
+        # freed and its handle cannot start another capture
+        pool = next(iter(self.graphs.values())).pool if self.graphs else None
+        try:
+            graph = _Graph(self, args, kwargs, pool)
+        except Exception as e:
+            self.disabled = True
+            raise RuntimeError(
+                "specache: capturing a decode step as a CUDA graph failed; the sequence's state is undefined (the "
+                "capture ran the step's Python, not its kernels). Fix: specache.reset(model) and start the sequence "
+                "again (later steps of this model run without graphs), or compile with cuda_graphs=False"
+            ) from e
         seq = key[0]
         for k in [k for k in self.graphs if k[0] != seq]:  # graphs of an earlier sequence replay dead state
             del self.graphs[k]
-        graph = _Graph(self, args, kwargs)
         self.graphs[key] = graph
         self.captured += 1
         return graph.first_output()
@@ -177,7 +189,7 @@ def _fresh(x: Any):
 class _Graph:
     """One captured decode step: the staged inputs it reads, the outputs it writes, and its replay."""
 
-    def __init__(self, owner: DecodeGraphs, args, kwargs) -> None:
+    def __init__(self, owner: DecodeGraphs, args, kwargs, pool) -> None:
         self.owner = owner
         rt = owner.runtime
         # the staged inputs: this call's tensors, copied; the graph reads these addresses on every replay
@@ -202,13 +214,14 @@ class _Graph:
             calls = rt.calls
             # NOTE: capturing runs the step's Python once (the runtime's host counters advance once) and records its
             # kernels without running them; the replay below runs them: together, one step
-            with torch.cuda.graph(self.graph, pool=owner._pool):
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.out = owner.call(*s_args, **s_kwargs)
                 rt.streams.join(dev)  # a fetch issued on the side stream joins back before the capture ends
-            owner._pool = self.graph.pool()
+            self.pool = self.graph.pool()
             self.calls = rt.calls - calls
             self.graph.replay()
         else:
+            self.pool = None
             self._rerun = lambda: owner.call(*s_args, **s_kwargs)
             self.out = self._rerun()
 
