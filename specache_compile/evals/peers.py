@@ -1,6 +1,6 @@
 """Peer libraries on the RULER-style suite, on the same model, prompts and device-byte budget as specache's rows:
-NVIDIA's kvpress presses (SnapKV, StreamingLLM, Knorm, ExpectedAttention) and transformers' QuantizedCache (the
-optimum-quanto backend, 2 or 4 bits).
+NVIDIA's kvpress presses (SnapKV, StreamingLLM, Knorm, ExpectedAttention, TOVA, PyramidKV, KeyDiff, AdaKV over
+SnapKV) and transformers' QuantizedCache (the optimum-quanto backend, 2 or 4 bits).
 
     PYTHONPATH=. /work/venvs/kvpress/bin/python -m specache_compile.evals.peers --model smollm2-135m \\
         --contexts 4096 --depths 0.2 0.5 0.8 --tasks niah_single_essay niah_multikey --match 6.38 \\
@@ -23,7 +23,8 @@ manager around ``model.generate`` on the whole prompt: it prunes the prompt's ca
 generated tokens are kept whole, as specache's ``snapkv`` and ``streaming`` do. Each row is appended to
 bench/results/accuracy_real.jsonl with the fields of the suite's own rows, plus ``peer`` (name and version),
 ``transformers`` (this environment's), ``kv_compression`` measured from the tensors the cache holds after the last
-generated token (``compression`` says "measured") and ``prompt_sha`` (so two environments can be checked to have built
+generated token (``compression`` says "measured"; "nominal" for a press that only masks what it prunes, with the
+bytes it holds in ``kv_compression_measured``) and ``prompt_sha`` (so two environments can be checked to have built
 the same token ids); a peer that cannot run writes a row with no score and the reason in ``note``.
 """
 
@@ -35,7 +36,7 @@ import importlib.metadata
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,20 @@ def cache_bytes(cache: Any) -> int:
 # peers
 # ----------------------------------------------------------------------------------------------------------------------
 
-# kvpress's names for the presses this module runs (kvpress.presses.*)
-PRESSES = {
-    "snapkv": "SnapKVPress",
-    "streaming_llm": "StreamingLLMPress",
-    "knorm": "KnormPress",
-    "expected_attention": "ExpectedAttentionPress",
+# the kvpress presses this module runs: name -> the press at a compression_ratio (kvpress.presses.*)
+PRESSES: dict[str, Callable[[Any, float], Any]] = {
+    "snapkv": lambda kv, r: kv.SnapKVPress(compression_ratio=r),
+    "streaming_llm": lambda kv, r: kv.StreamingLLMPress(compression_ratio=r),
+    "knorm": lambda kv, r: kv.KnormPress(compression_ratio=r),
+    "expected_attention": lambda kv, r: kv.ExpectedAttentionPress(compression_ratio=r),
+    "tova": lambda kv, r: kv.TOVAPress(compression_ratio=r),
+    "pyramidkv": lambda kv, r: kv.PyramidKVPress(compression_ratio=r),
+    "keydiff": lambda kv, r: kv.KeyDiffPress(compression_ratio=r),
+    "adakv_snapkv": lambda kv, r: kv.AdaKVPress(kv.SnapKVPress(compression_ratio=r)),
 }
+# Presses that mask the entries they prune in attention (kvpress's attention_patch) and keep every token in the cache:
+# their measured bytes are the full cache's, so their rows carry the nominal compression and say so.
+MASKING = frozenset({"adakv_snapkv"})
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,7 @@ def run_prompt(peer: Peer, model: Any, ids: list[int], new_tokens: int, ratio: f
     if peer.kind == "press":
         import kvpress
 
-        press = getattr(kvpress, PRESSES[peer.name])(compression_ratio=ratio)
+        press = PRESSES[peer.name](kvpress, ratio)
         cache, scope = DynamicCache(), press(model)
     elif peer.kind == "quantized":
         from transformers import QuantizedCache
@@ -200,20 +208,31 @@ def run_prompt(peer: Peer, model: Any, ids: list[int], new_tokens: int, ratio: f
 
 
 def row(peer: Peer, *, task: Any, name: str, ctx: int, depth: float | None, text: str | None, compression: float | None,
-        ratio: float | None, seconds: float, sha: str, env: dict, note: str | None = None) -> dict:
+        ratio: float | None, seconds: float, sha: str, env: dict, note: str | None = None, kind: str = "measured",
+        measured: float | None = None) -> dict:
     """One row with the fields of the harness's RULER rows (``score`` None and ``note`` where the peer could not run),
     plus the peer, its nominal setting and the prompt's digest."""
     nbits = dict(peer.options).get("nbits", 4) if peer.kind == "quantized" else None
     r = {"bench": "accuracy", "suite": "ruler", "task": name, "policy": peer.spec, "context": ctx, "depth": depth,
-         "topk": None, "bits": nbits, "kv_compression": compression, "compression": "measured",
+         "topk": None, "bits": nbits, "kv_compression": compression, "compression": kind,
          "score": None if text is None else task.score(text), "trials": 1, "answers": list(task.answers),
          "output": None if text is None else text[:200], "seconds": round(seconds, 1), **env,
          "peer": f"{peer.library} {peer.version()}", "prompt_sha": sha}
     if peer.kind == "press":
         r["compression_ratio_kvpress"] = None if ratio is None else round(ratio, 4)
+    if kind != "measured":
+        r["kv_compression_measured"] = measured
     if note:
         r["note"] = note
     return r
+
+
+def nominal(full: int, held: int, ctx: int, ratio: float, new_tokens: int) -> float:
+    """The compression a masking press would reach if it freed what it masks: full-precision bytes at ``ctx`` / the
+    bytes of the tokens it keeps (kvpress keeps int(ctx * (1 - ratio)) of the prompt) and the generated ones, out of
+    the ``held`` bytes of a cache that kept all ctx + new_tokens - 1."""
+    kept = int(ctx * (1 - ratio)) + new_tokens - 1
+    return full / (held * kept / (ctx + new_tokens - 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                             note=f"{type(e).__name__}: {e}"[:500])
                 else:
                     text = tok.decode(gen, skip_special_tokens=True)
-                    comp = kv_bytes_full(model, ctx) / cache_bytes(cache)
+                    full, held = kv_bytes_full(model, ctx), cache_bytes(cache)
+                    extra = {}
+                    if peer.kind == "press" and peer.name in MASKING:
+                        extra = {"kind": "nominal", "measured": full / held,
+                                 "note": "kvpress masks the pruned entries in attention and keeps them in the cache: "
+                                         "kv_compression is the nominal figure, kv_compression_measured the bytes held"}
+                    comp = nominal(full, held, ctx, ratio, task.max_new_tokens) if extra else full / held
                     r = row(peer, task=task, name=name, ctx=ctx, depth=depth, text=text, compression=comp,
-                            ratio=ratio, seconds=time.perf_counter() - t0, sha=sha, env=env)
+                            ratio=ratio, seconds=time.perf_counter() - t0, sha=sha, env=env, **extra)
                 _append(args.out, [r])
                 print(f"{peer.spec} {name} ctx={ctx} depth={depth} score={r['score']} "
                       f"x{r['kv_compression'] or 0:.2f} {r['seconds']}s {r.get('note') or repr(r['output'])[:60]}",

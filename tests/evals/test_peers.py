@@ -118,6 +118,12 @@ def test_press_ratio_matches_the_compression_after_generation():
         peers.press_ratio(4096, 1000.0, 13)
 
 
+def test_nominal_counts_the_kept_tokens():
+    # a cache holding all 4096 + 12 tokens, of which a press keeps 630 of the prompt and the 12 generated
+    per_token = 10
+    assert peers.nominal(4096 * per_token, 4108 * per_token, 4096, 1 - 630 / 4096, 13) == 4096 / 642
+
+
 def test_cache_bytes_counts_what_the_cache_holds():
     from transformers import DynamicCache
 
@@ -146,8 +152,13 @@ def tiny_model():
 def test_a_press_keeps_its_share_of_the_prompt(tiny_model, press):
     gen, cache = peers.run_prompt(peers.parse_peer(f"kvpress:{press}"), tiny_model, list(range(5, 205)), 4, 0.5)
     assert len(gen) == 4
-    # 100 of the 200 prompt tokens, and 3 of the 4 generated (the last is not fed back)
-    assert peers.cache_bytes(cache) == tiny_model.config.num_hidden_layers * 2 * (2 * 103 * 64 * 4)
+    per_token = tiny_model.config.num_hidden_layers * 2 * (2 * 64 * 4)
+    held = peers.cache_bytes(cache)
+    if press in peers.MASKING:  # every token stays in the cache; the nominal figure counts what is not masked
+        assert held == 203 * per_token
+        assert peers.nominal(harness.kv_bytes_full(tiny_model, 200), held, 200, 0.5, 4) == 200 / 103
+    else:  # 100 of the 200 prompt tokens (PyramidKV: on average over layers), 3 of the 4 generated
+        assert held == 103 * per_token
 
 
 @pytest.mark.skipif(not _has("optimum.quanto"), reason="optimum-quanto is not installed here")
