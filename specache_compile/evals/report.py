@@ -9,7 +9,9 @@ A cell is one (model, method, context): the mean over the chosen tasks of each t
 measured on the device (full-precision KV bytes / device KV bytes). By default the tasks are those every context of
 that model ran, so a line across contexts compares like with like. A method is a policy spec with its budget left out
 (``snapkv:budget=400`` and ``snapkv:budget=480`` are one line: each grid sets the budget to specache's device bytes at
-that context); peer rows (``accuracy_real_peers*.jsonl``) are methods of their own.
+that context); peer rows (:mod:`specache_compile.evals.peers`: ``kvpress:<press>``,
+``hf-quantized-cache:<backend>,nbits=N``, ``transformers:full_cache``; in accuracy_real.jsonl, and the first 1K ones in
+``accuracy_real_peers_cpu.jsonl``) are methods of their own.
 """
 
 from __future__ import annotations
