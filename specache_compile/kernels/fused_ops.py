@@ -19,14 +19,14 @@ import torch
 from torch import Tensor  # noqa: F401 (the op's annotations name it: schema inference resolves them here)
 
 from . import reference as ref
-from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _device_sms, _interpreted, _select_block_n, bias_args, split_plan
+from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _device_sms, _interpreted, bias_args, split_plan
 
 try:
     import triton
     from torch.library import wrap_triton
 
     from .triton.decode_attention import merge_splits_kernel, substitution_bitmap_kernel
-    from .triton.fused_decode import fused_decode_kernel, rank_topk_kernel
+    from .triton.fused_decode import fused_decode_kernel, rank_probs_kernel
 
     HAS_TRITON = True
 except ImportError:  # keep `import specache` working without Triton: the reference op below
@@ -35,13 +35,15 @@ except ImportError:  # keep `import specache` working without Triton: the refere
 _MAX_HEAD_DIM = 256  # a [256, 16] fp32 query tile plus a [64, 256] code tile per K and V is what 4 warps hold
 _MAX_ROWS = 64  # REP * Sq query rows of one GQA group in one tile
 _MIN_ROWS = 8  # the smallest row tile: the N of a tensor-core product (wgmma / mma n8), no padding to 16
-_MAX_TOPK = 2048  # the largest block of the top-k's bitonic sort
+_MAX_TOPK = 2048  # the largest top-k the kernel path takes (larger ones run the reference)
+_PROB_BLOCK = 1024  # positions per program of the ranking probabilities
 # Launch shape of the fused pass: tokens per key tile at most (a tile lies in one key group), warps, pipeline depth.
-# bench/kernels.py sweeps them (fused_decode_* rows); 64 / 4 / 2 compile to 248 registers and no spills at the
-# Llama-3-8B shape (sm_90, 2 bits).
+# bench/kernels.py sweeps them (fused_decode[...] rows): at the Llama-3-8B shape on the H200, 64 / 4 / 3 is the
+# fastest measured (32-token tiles are 20-50% slower: the per-tile products and reductions weigh more per token).
 _TILE = 64
 _NUM_WARPS = 4
-_NUM_STAGES = 2
+_NUM_STAGES = 3
+_MAXNREG = None  # a register cap a thread (bench/kernels.py sweeps it; None: the compiler's choice)
 # Flash-decoding split over the keys: about _PROGRAMS_PER_SM low-bit programs per SM over the grid (the pass is
 # latency-bound: at ~190 registers a thread two 4-warp programs fit an SM, and more programs queued behind them keep
 # it busy through the short full-precision splits), each at least _MIN_TILES_PER_SPLIT tiles (a split's partial
@@ -126,7 +128,7 @@ def _fused_decode_triton(
     q, kq, ks, kz, vq, vs, vz, bits: int, group: int, lo: int, k_fp, v_fp, fp_pos, k_win, v_win, win_pos, bias,
     limit, softmax_scale: float, rank_row: int, k: int, attend: bool = True, tiles_per_split: int | None = None,
 ):
-    """The kernels: bitmap, fused pass, split merge, block top-k, and a torch.topk over the blocks' candidates.
+    """The kernels: bitmap, fused pass, split merge, ranking probabilities, and a torch.topk over them.
     ``tiles_per_split`` overrides the split heuristic (tests)."""
     b, hq, sq, d = q.shape
     hkv, nq = kq.shape[1], kq.shape[2]
@@ -208,7 +210,7 @@ def _fused_decode_triton(
         HAS_BIAS=bias is not None, HAS_LIMIT=limit is not None, ATTEND=attend,
         PARTS=0 if q.dtype == torch.float32 else 2, QPARTS=0 if q.dtype == torch.float32 else 1,
         FP_PARTS=0 if q.dtype == torch.float32 else 2, EMULATE=_interpreted(), num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
+        num_stages=_NUM_STAGES, **({} if _MAXNREG is None else {"maxnreg": _MAXNREG}),
     )
     if attend:
         wrap_triton(merge_splits_kernel)[(m, hkv, b)](
@@ -221,21 +223,18 @@ def _fused_decode_triton(
         )
     kk = min(k, n_low) if rank else 0
     if kk > 0:
-        block = _select_block_n(kk, n_low)
-        n_blocks = triton.cdiv(n_low, block)
-        cand_val = torch.empty((b, hkv, n_blocks, kk), **f32)
-        cand_idx = torch.empty((b, hkv, n_blocks, kk), dtype=torch.int64, device=dev)
-        wrap_triton(rank_topk_kernel)[(n_blocks, hkv, b)](
-            rx, rm, rl, lim, cand_val, cand_idx,
+        prob = torch.empty((b, hkv, n_low), **f32)
+        wrap_triton(rank_probs_kernel)[(triton.cdiv(n_low, _PROB_BLOCK), hkv, b)](
+            rx, rm, rl, lim, prob,
             n_low, lo, ns,
             rx.stride(0), rx.stride(1),
             rm.stride(0), rm.stride(1), rm.stride(2),
-            REP=rep, SQ=sq, RANK_ROW=rank_row, K=kk, BLOCK_N=block, BLOCK_S=triton.next_power_of_2(ns),
+            prob.stride(0), prob.stride(1),
+            REP=rep, SQ=sq, RANK_ROW=rank_row, BLOCK_N=_PROB_BLOCK, BLOCK_S=triton.next_power_of_2(ns),
             HAS_LIMIT=limit is not None, num_warps=_NUM_WARPS,
         )
-        # the merge: the step's top-k is among the blocks' candidates
-        best = torch.topk(cand_val.reshape(b, hkv, -1), kk, dim=-1, sorted=False).indices
-        top[..., :kk] = cand_idx.reshape(b, hkv, -1).gather(-1, best)
+        val, idx = torch.topk(prob, kk, dim=-1, sorted=False)
+        top[..., :kk] = torch.where(val > 0, idx + lo, -1)  # fewer than kk positions of nonzero probability: -1
     return out, top
 
 

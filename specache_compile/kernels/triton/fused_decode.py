@@ -9,9 +9,8 @@ each key tile's packed K and V codes and scales are read once, and for all ``REP
 - for the ranking row (``RANK_ROW``): its scores over every low-bit token (substituted ones too, by their low-bit
   score) written as fp32 logits, and the split's softmax statistics over those and the window columns.
 
-:func:`rank_topk_kernel` then folds the splits' statistics into each query head's softmax, averages the GQA group's
-probabilities and keeps each block's top-k (kernels/triton/select.py's bitonic sort of probability/position keys); a
-``torch.topk`` over the blocks' candidates gives the step's top-k. Why the logits go through memory instead of a
+:func:`rank_probs_kernel` then folds the splits' statistics into each query head's softmax and averages the GQA
+group's probabilities; a ``torch.topk`` over those gives the step's top-k. Why the logits go through memory instead of a
 per-block top-k inside the pass: the GQA mean weights head ``h`` by ``1 / L_h``, its softmax sum over every split, so
 the order of a block's positions is not known until all splits have run (for GQA 1 it would be).
 
@@ -311,18 +310,20 @@ def fused_decode_kernel(
 
 
 @triton.jit
-def rank_topk_kernel(
-    rx_ptr, rm_ptr, rl_ptr, lim_ptr, cand_val_ptr, cand_idx_ptr,
+def rank_probs_kernel(
+    rx_ptr, rm_ptr, rl_ptr, lim_ptr, prob_ptr,
     n_low, lo, NS,
     stride_rxb, stride_rxh,
     stride_rmb, stride_rmh, stride_rms,
-    REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    stride_pb, stride_ph,
+    REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
 ):
     # rx: the ranking logits [B, Hq, n_low] (log2 domain; positions lo + i); rm, rl: the splits' ranking statistics
-    # [B, Hkv, NS, REP*SQ]; cand_val, cand_idx: [B, Hkv, nblocks, K]. grid (nblocks, Hkv, B): block i of BLOCK_N
-    # positions. Writes the block's K best (mean probability over the GQA group, absolute position); probability 0
-    # and position -1 past its valid positions and for positions of zero probability.
+    # [B, Hkv, NS, REP*SQ]; prob: [B, Hkv, n_low] fp32, the mean probability over the GQA group of each position (0
+    # past the limit). grid (cdiv(n_low, BLOCK_N), Hkv, B). The top-k over prob is torch.topk's (a radix select that
+    # spreads a long row over many blocks): a bitonic sort of every block's keys here cost more than the pass itself
+    # at long contexts.
     pid_n = tl.program_id(0)
     kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -333,7 +334,7 @@ def rank_topk_kernel(
     sp = tl.arange(0, BLOCK_S)
     s_mask = sp < NS
     acc = tl.zeros([BLOCK_N], tl.float32)
-    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes 2 * K values.
+    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes BLOCK_N fp32.
     for r in range(REP):
         st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
         m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
@@ -344,13 +345,5 @@ def rank_topk_kernel(
         inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
         x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
         acc += tl.exp2(x - m_safe) * inv
-    prob = acc / REP
-    bits = prob.to(tl.int32, bitcast=True).to(tl.int64)  # >= 0: ordered like the probabilities
-    key = tl.where(valid & (prob > 0), (bits << 32) | offs.to(tl.int64), -1)
-    key = tl.sort(key, descending=True)
-    keep = tl.arange(0, BLOCK_N) < K
-    top_val = tl.where(key >= 0, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
-    top_idx = tl.where(key >= 0, (key & 0xFFFFFFFF) + lo, -1)
-    out = ((b * tl.num_programs(1) + kv) * tl.num_programs(0) + pid_n) * K + tl.arange(0, BLOCK_N)
-    tl.store(cand_val_ptr + out, top_val, mask=keep)
-    tl.store(cand_idx_ptr + out, top_idx, mask=keep)
+    tl.store(prob_ptr + b * stride_pb + kv * stride_ph + offs, tl.where(valid, acc / REP, 0.0),
+             mask=offs < n_low)
