@@ -56,9 +56,12 @@ def parse_args(argv=None):
     ap.add_argument("--fused-contexts", default="32768,131072", help="contexts of the fused_decode rows")
     ap.add_argument("--fused-batches", default="1,8", help="batch sizes of the fused_decode rows")
     ap.add_argument("--fused-sweep", default="64:4:2,32:4:2,64:8:2,64:4:3,32:8:3",
-                    help="launch shapes tile:warps:stages[:programs_per_sm] timed at the first fused point ('' for "
-                         "none)")
+                    help="launch shapes tile:warps:stages[:programs_per_sm[:maxnreg]] timed at the first fused point "
+                         "('' for none)")
     ap.add_argument("--only-fused", action="store_true", help="the peaks and the fused_decode rows only")
+    ap.add_argument("--fused-launch", default="",
+                    help="a launch shape tile:warps:stages[:programs_per_sm[:maxnreg]] for every fused_decode row "
+                         "(recorded in the rows' launch field; '' for kernels/fused_ops.py's)")
     ap.add_argument("--sweep-only", action="store_true",
                     help="with --only-fused: the launch-shape rows alone (one shape a process: a shape that faults "
                          "leaves the CUDA context unusable, so bench/gpu_session.sh runs each in its own)")
@@ -287,7 +290,8 @@ def bench_bits(args, rec: Recorder, n, nq, bits, q, k, v, fp_pos, d2d, g) -> tup
     return s_t, sel_t, a_t
 
 
-_LAUNCH = ("_TILE", "_NUM_WARPS", "_NUM_STAGES", "_PROGRAMS_PER_SM")  # a sweep shape: tile:warps:stages[:per_sm]
+# a sweep shape: tile:warps:stages[:per_sm[:maxnreg]] (maxnreg 0: the compiler's choice)
+_LAUNCH = ("_TILE", "_NUM_WARPS", "_NUM_STAGES", "_PROGRAMS_PER_SM", "_MAXNREG")
 
 
 @contextlib.contextmanager
@@ -299,12 +303,18 @@ def _fused_launch(*shape: int):
     names = _LAUNCH[: len(shape)]
     old = [getattr(fused_ops, n) for n in names]
     for n, v in zip(names, shape):
-        setattr(fused_ops, n, v)
+        setattr(fused_ops, n, None if n == "_MAXNREG" and v == 0 else v)
     try:
         yield
     finally:
         for n, v in zip(names, old):
             setattr(fused_ops, n, v)
+
+
+def _launch_now() -> tuple:
+    from specache_compile.kernels import fused_ops
+
+    return tuple(getattr(fused_ops, n) for n in _LAUNCH)
 
 
 def kernel_breakdown(fn, n: int = 20) -> dict[str, float]:
@@ -363,11 +373,14 @@ def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, 
     must = lowbit + cols + bias.numel() * ELEM + q.numel() * ELEM
     logits = 2 * batch * HQ * nq * 4
     extra = dict(batch=batch, lowbit_bytes=lowbit, logits_roundtrip_bytes=logits)
+    launch = dict(zip(("tile", "warps", "stages", "per_sm", "maxnreg"), _launch_now()))
+    extra["launch"] = launch
     for shape in sweep:
         with _fused_launch(*shape):
-            name = ",".join(f"{k}={v}" for k, v in zip(("tile", "warps", "stages", "per_sm"), shape))
+            name = ",".join(f"{k}={v}" for k, v in zip(("tile", "warps", "stages", "per_sm", "maxnreg"), shape))
             rec.time(f"fused_decode[{name}]", n, bits, must, fused, d2d, args.rep)
-            rec.rows[-1].update(extra, kernel_us=kernel_breakdown(fused))
+            rec.rows[-1].update(extra, kernel_us=kernel_breakdown(fused),
+                                launch=dict(zip(("tile", "warps", "stages", "per_sm", "maxnreg"), _launch_now())))
     if args.sweep_only:
         return
     _, dev_us = rec.time("fused_decode", n, bits, must, fused, d2d, args.rep)
@@ -425,7 +438,9 @@ def main(argv=None) -> int:
             for bits in [int(b) for b in args.bits.split(",")]:
                 if args.sweep_only and not sweep:
                     break
-                bench_fused(args, rec, n, batch, bits, d2d, g, sweep)
+                shape = [int(x) for x in args.fused_launch.split(":") if x]
+                with _fused_launch(*shape):
+                    bench_fused(args, rec, n, batch, bits, d2d, g, sweep)
                 sweep = ()  # the launch shapes at the first point only
                 torch.cuda.empty_cache()
     base = {(r["kernel"], r["context"]): r for r in rec.rows}
