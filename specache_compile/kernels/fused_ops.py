@@ -19,14 +19,14 @@ import torch
 from torch import Tensor  # noqa: F401 (the op's annotations name it: schema inference resolves them here)
 
 from . import reference as ref
-from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _device_sms, _interpreted, bias_args, split_plan
+from .attn_ops import _KERNEL_DTYPES, _MIN_TILE, _device_sms, _interpreted, _select_block_n, bias_args, split_plan
 
 try:
     import triton
     from torch.library import wrap_triton
 
     from .triton.decode_attention import merge_splits_kernel, substitution_bitmap_kernel
-    from .triton.fused_decode import fused_decode_kernel, rank_probs_kernel
+    from .triton.fused_decode import fused_decode_kernel, rank_probs_kernel, rank_topk_kernel
 
     HAS_TRITON = True
 except ImportError:  # keep `import specache` working without Triton: the reference op below
@@ -37,6 +37,13 @@ _MAX_ROWS = 64  # REP * Sq query rows of one GQA group in one tile
 _MIN_ROWS = 8  # the smallest row tile: the N of a tensor-core product (wgmma / mma n8), no padding to 16
 _MAX_TOPK = 2048  # the largest top-k the kernel path takes (larger ones run the reference)
 _PROB_BLOCK = 1024  # positions per program of the ranking probabilities
+# The ranking's top-k: from b * Hkv * n_low positions on, torch.topk over every position's probability (its
+# multi-block radix select); below, a bitonic sort per block of positions and torch.topk over the blocks' candidates.
+# Measured on the H200 (bench/kernels.py fused rows of both, Llama-3-8B shape, top-64): at 8 rows of 32K
+# the block sort (11 us) and a single-block torch.topk over 8192 candidates (27 us) beat the multi-block select
+# (~26 us more in all: six short kernels); from 8 rows of 128K (90 + 27 us against ~55) and 64 rows of 32K up, the
+# select over every position wins, at 64 rows of 128K by 658 + 28 us against ~170.
+_PROB_TOPK_MIN = 1 << 19
 # Launch shape of the fused pass: tokens per key tile at most (a tile lies in one key group), warps, pipeline depth.
 # bench/kernels.py sweeps them (fused_decode[...] rows): at the Llama-3-8B shape on the H200, 64 / 4 / 3 is the
 # fastest measured (32-token tiles are 20-50% slower: the per-tile products and reductions weigh more per token).
@@ -128,7 +135,7 @@ def _fused_decode_triton(
     q, kq, ks, kz, vq, vs, vz, bits: int, group: int, lo: int, k_fp, v_fp, fp_pos, k_win, v_win, win_pos, bias,
     limit, softmax_scale: float, rank_row: int, k: int, attend: bool = True, tiles_per_split: int | None = None,
 ):
-    """The kernels: bitmap, fused pass, split merge, ranking probabilities, and a torch.topk over them.
+    """The kernels: bitmap, fused pass, split merge, and the ranking's top-k (see _PROB_TOPK_MIN).
     ``tiles_per_split`` overrides the split heuristic (tests)."""
     b, hq, sq, d = q.shape
     hkv, nq = kq.shape[1], kq.shape[2]
@@ -222,7 +229,7 @@ def _fused_decode_triton(
             REP=rep, SQ=sq, BLOCK_S=16, BLOCK_DV=triton.next_power_of_2(dv), num_warps=_NUM_WARPS,
         )
     kk = min(k, n_low) if rank else 0
-    if kk > 0:
+    if kk > 0 and b * hkv * n_low >= _PROB_TOPK_MIN:
         prob = torch.empty((b, hkv, n_low), **f32)
         wrap_triton(rank_probs_kernel)[(triton.cdiv(n_low, _PROB_BLOCK), hkv, b)](
             rx, rm, rl, lim, prob,
@@ -235,6 +242,22 @@ def _fused_decode_triton(
         )
         val, idx = torch.topk(prob, kk, dim=-1, sorted=False)
         top[..., :kk] = torch.where(val > 0, idx + lo, -1)  # fewer than kk positions of nonzero probability: -1
+    elif kk > 0:
+        block = _select_block_n(kk, n_low)
+        n_blocks = triton.cdiv(n_low, block)
+        cand_val = torch.empty((b, hkv, n_blocks, kk), **f32)
+        cand_idx = torch.empty((b, hkv, n_blocks, kk), dtype=torch.int64, device=dev)
+        wrap_triton(rank_topk_kernel)[(n_blocks, hkv, b)](
+            rx, rm, rl, lim, cand_val, cand_idx,
+            n_low, lo, ns,
+            rx.stride(0), rx.stride(1),
+            rm.stride(0), rm.stride(1), rm.stride(2),
+            REP=rep, SQ=sq, RANK_ROW=rank_row, K=kk, BLOCK_N=block, BLOCK_S=triton.next_power_of_2(ns),
+            HAS_LIMIT=limit is not None, num_warps=_NUM_WARPS,
+        )
+        # the merge: the step's top-k is among the blocks' candidates
+        best = torch.topk(cand_val.reshape(b, hkv, -1), kk, dim=-1, sorted=False).indices
+        top[..., :kk] = cand_idx.reshape(b, hkv, -1).gather(-1, best)
     return out, top
 
 

@@ -354,6 +354,11 @@ KERNEL_CASES["d128-ngv2"] = ((1, 1, 2, 1, 128, 100, 64, 4, torch.float32, 5, 3, 
 KERNEL_CASES["subst-top"] = ((2, 2, 4, 2, 64, 90, 16, 2, torch.float32, 9, 3, 404), {"subst": "top"}, 1)
 KERNEL_CASES["codes-unaligned"] = ((1, 2, 4, 1, 64, 50, 16, 1, torch.bfloat16, 5, 3, 405), {"subst": "unaligned"},
                                    None)
+# the ranking's top-k through torch.topk over every position (fused_ops._PROB_TOPK_MIN: long rows), not the per-block
+# sort the short rows above take
+for _cid in ("lo-ragged", "subst-top", "rank-only", "d128-ngv2"):
+    _a, _kw, _t = KERNEL_CASES[_cid]
+    KERNEL_CASES[f"{_cid}-select-all"] = (_a, {**_kw, "select": "all"}, _t)
 
 
 def _variant(inp, how):
@@ -386,12 +391,14 @@ def _run_interpreted(path: str, shard: int, shards: int) -> None:
 
     assert os.environ.get("TRITON_INTERPRET") == "1"
     fo.wrap_triton = lambda kernel: kernel  # outside a trace it only launches the kernel
+    PROB_TOPK_MIN = fo._PROB_TOPK_MIN
     res = {"fused": {}}
     for i, (cid, (args, kw, tiles)) in enumerate(KERNEL_CASES.items()):
         if i % shards != shard:
             continue
         kw = dict(kw)
         subst = kw.pop("subst", None)
+        fo._PROB_TOPK_MIN = 0 if kw.pop("select", None) == "all" else PROB_TOPK_MIN
         inp = _variant(make_inputs(*args, **kw), subst)
         try:
             assert fo.fused_decode_supported(inp["q"], inp["kq"], inp["ks"], inp["vs"], inp["k_fp"], inp["v_fp"],

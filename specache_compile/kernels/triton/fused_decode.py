@@ -10,7 +10,9 @@ each key tile's packed K and V codes and scales are read once, and for all ``REP
   score) written as fp32 logits, and the split's softmax statistics over those and the window columns.
 
 :func:`rank_probs_kernel` then folds the splits' statistics into each query head's softmax and averages the GQA
-group's probabilities; a ``torch.topk`` over those gives the step's top-k. Why the logits go through memory instead of a
+group's probabilities, and a ``torch.topk`` over those gives the step's top-k; for short rows :func:`rank_topk_kernel`
+does the same and keeps each block's top-k (kernels/triton/select.py's bitonic sort of probability/position keys),
+and the ``torch.topk`` runs over the blocks' candidates. Why the logits go through memory instead of a
 per-block top-k inside the pass: the GQA mean weights head ``h`` by ``1 / L_h``, its softmax sum over every split, so
 the order of a block's positions is not known until all splits have run (for GQA 1 it would be).
 
@@ -347,3 +349,49 @@ def rank_probs_kernel(
         acc += tl.exp2(x - m_safe) * inv
     tl.store(prob_ptr + b * stride_pb + kv * stride_ph + offs, tl.where(valid, acc / REP, 0.0),
              mask=offs < n_low)
+
+
+@triton.jit
+def rank_topk_kernel(
+    rx_ptr, rm_ptr, rl_ptr, lim_ptr, cand_val_ptr, cand_idx_ptr,
+    n_low, lo, NS,
+    stride_rxb, stride_rxh,
+    stride_rmb, stride_rmh, stride_rms,
+    REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    # rx: the ranking logits [B, Hq, n_low] (log2 domain; positions lo + i); rm, rl: the splits' ranking statistics
+    # [B, Hkv, NS, REP*SQ]; cand_val, cand_idx: [B, Hkv, nblocks, K]. grid (nblocks, Hkv, B): block i of BLOCK_N
+    # positions. Writes the block's K best (mean probability over the GQA group, absolute position); probability 0
+    # and position -1 past its valid positions and for positions of zero probability.
+    pid_n = tl.program_id(0)
+    kv = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = offs < n_low
+    if HAS_LIMIT:
+        valid = valid & (offs + lo < tl.load(lim_ptr))
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = sp < NS
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes 2 * K values.
+    for r in range(REP):
+        st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
+        m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
+        lsum = tl.load(rl_ptr + st, mask=s_mask, other=0.0)
+        m_all = tl.max(m, axis=0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.sum(lsum * tl.exp2(tl.where(m == float("-inf"), m_safe, m) - m_safe), axis=0)
+        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
+        x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
+        acc += tl.exp2(x - m_safe) * inv
+    prob = acc / REP
+    bits = prob.to(tl.int32, bitcast=True).to(tl.int64)  # >= 0: ordered like the probabilities
+    key = tl.where(valid & (prob > 0), (bits << 32) | offs.to(tl.int64), -1)
+    key = tl.sort(key, descending=True)
+    keep = tl.arange(0, BLOCK_N) < K
+    top_val = tl.where(key >= 0, (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
+    top_idx = tl.where(key >= 0, (key & 0xFFFFFFFF) + lo, -1)
+    out = ((b * tl.num_programs(1) + kv) * tl.num_programs(0) + pid_n) * K + tl.arange(0, BLOCK_N)
+    tl.store(cand_val_ptr + out, top_val, mask=keep)
+    tl.store(cand_idx_ptr + out, top_idx, mask=keep)
