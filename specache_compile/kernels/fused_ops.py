@@ -46,13 +46,13 @@ _PROB_BLOCK = 1024  # positions per program of the ranking probabilities
 _PROB_TOPK_MIN = 1 << 19
 # Launch shape of the fused pass: tokens per key tile at most (a tile lies in one key group), warps, pipeline depth.
 # bench/kernels.py sweeps them (fused_decode[...] rows): at the Llama-3-8B shape on the H200, 64 / 4 / 3 is the
-# fastest measured (32-token tiles are 20-50% slower: the per-tile products and reductions weigh more per token).
+# fastest measured (32-token tiles are ~30% slower: the per-tile products and reductions weigh more per token).
 _TILE = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 _MAXNREG = None  # a register cap a thread (bench/kernels.py sweeps it; None: the compiler's choice)
 # Flash-decoding split over the keys: about _PROGRAMS_PER_SM low-bit programs per SM over the grid (the pass is
-# latency-bound: at ~190 registers a thread two 4-warp programs fit an SM, and more programs queued behind them keep
+# latency-bound: at ~200 registers a thread two 4-warp programs fit an SM, and more programs queued behind them keep
 # it busy through the short full-precision splits), each at least _MIN_TILES_PER_SPLIT tiles (a split's partial
 # output, REP*Sq*(Dv+2) fp32 written and merged, stays small next to what it reads). bench/kernels.py sweeps both.
 _PROGRAMS_PER_SM = 4
