@@ -1,5 +1,5 @@
-"""Compile fused_decode_kernel (the int32-word kernel) for sm_90 ahead of time, no GPU needed, and count what one low-bit
-tile costs.
+"""Compile fused_decode_kernel (the int32-word kernel) for sm_90 ahead of time, no GPU needed, and count what one
+low-bit tile costs.
 
     PYTHONPATH=$PWD python bench/results/fused_2662bd6/aot_sm90.py [BITS=1] [BLOCK_N=32] [RANK_ROW=-1] ...
 
@@ -48,8 +48,8 @@ ptrs.update({"kq_ptr": "*u8", "vq_ptr": "*u8", "sub_ptr": "*i32", "fpos_ptr": "*
              "lim_ptr": "*i64"})
 ptrs.update({n: "*fp32" for n in ("po_ptr", "pm_ptr", "pl_ptr", "rx_ptr", "rm_ptr", "rl_ptr")})
 const = dict(D=D, DV=D, REP=REP, SQ=SQ, RANK_ROW=1, GROUP=G, GV=64, NGV=2, BITS=bits, BLOCK_M=8, BLOCK_N=64,
-             BLOCK_NW=D * bits // 32, BLOCK_NWV=D * bits // 32, BLOCK_NGV=2, HAS_BIAS=True, HAS_LIMIT=True, ATTEND=True, PARTS=2,
-             QPARTS=1, FP_PARTS=2, EMULATE=False)
+             BLOCK_NW=D * bits // 32, BLOCK_NWV=D * bits // 32, HAS_BIAS=True, HAS_LIMIT=True, ATTEND=True,
+             PARTS=2, QPARTS=1, FP_PARTS=2, EMULATE=False)
 const.update({k: int(v) for k, v in over.items()})
 names = list(inspect.signature(fd.fused_decode_kernel.fn).parameters)
 const = {k: v for k, v in const.items() if k in names}
@@ -68,8 +68,9 @@ for i, p in enumerate(names):
         if ints[p] % 16 == 0:
             attrs[(i,)] = [["tt.divisibility", 16]]
 nw, ns = int(os.environ.get("NW", 4)), int(os.environ.get("NS", 3))
+cap = {"maxnreg": int(os.environ["MAXNREG"])} if "MAXNREG" in os.environ else {}  # env MAXNREG: a register cap
 c = triton.compile(ASTSource(fn=fd.fused_decode_kernel, signature=sig, constexprs=const, attrs=attrs),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns, **({"maxnreg": int(os.environ["MAXNREG"])} if "MAXNREG" in os.environ else {})))
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns, **cap))
 cubin = "/tmp/fused_decode_sm90.cubin"
 open(cubin, "wb").write(c.asm["cubin"])
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
