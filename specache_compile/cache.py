@@ -39,15 +39,27 @@ def make_cache(model: torch.nn.Module, positions: int):
     return StaticCache(config=model.config, max_cache_len=bucket(positions))
 
 
+def _edits_cache(gen, kwargs: dict[str, Any]) -> bool:
+    """The generation mode edits the cache between steps (beam search reorders it, assisted and prompt-lookup decoding
+    crop it): the default DynamicCache, which the store follows, rather than a StaticCache it must refuse to reorder."""
+    def get(name, default=None):
+        return kwargs.get(name, getattr(gen, name, default))
+
+    beams = get("num_beams", 1) or 1
+    return beams > 1 or any(get(name) is not None for name in
+                            ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"))
+
+
 def generate_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], static_policy: bool,
                     cache_key: str) -> dict[str, Any]:
     """``kwargs`` for the model class's generate with a specache cache put in, where the call asks for one
     (``cache_implementation="specache"``) or leaves the choice to the default of a policy that decodes through
-    fixed-shape state (``static_policy``). Untouched where the caller passed a cache, another cache implementation,
+    fixed-shape state (``static_policy``) in a mode that does not edit the cache (not beam search, assisted or
+    prompt-lookup decoding). Untouched where the caller passed a cache, another cache implementation,
     ``use_cache=False``, an encoder-decoder model, or a call whose length cannot be read before it runs."""
     gen = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     impl = kwargs.get("cache_implementation", getattr(gen, "cache_implementation", None))
-    if impl not in ("specache", None) or (impl is None and not static_policy):
+    if impl not in ("specache", None) or (impl is None and (not static_policy or _edits_cache(gen, kwargs))):
         return kwargs
     out = dict(kwargs)
     out.pop("cache_implementation", None)

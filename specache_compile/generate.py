@@ -263,7 +263,7 @@ def _static_policy(model) -> bool:
     from .api import runtime_of
 
     try:
-        return runtime_of(model).policy.static
+        return runtime_of(model).policy.static_required
     except ValueError:  # not compiled by specache.compile (or the runtime appears with the first call)
         return False
 

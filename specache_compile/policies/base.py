@@ -84,8 +84,11 @@ class Policy:
     speculative: ClassVar[bool] = False  # implements decode_speculative (specache.generate's speculative steps)
     # Declared capabilities the runtime reads (set per instance by a policy whose options choose them):
     # ``static``: decodes index-mode caches through fixed-shape state (``decode_static``), lengths on the device;
+    # ``static_required``: the user asked for that path: an append-mode (DynamicCache) decode is refused instead of
+    # decoded by the default path, and specache.generate defaults to a StaticCache;
     # ``host_codec``: the name of the codec that replaces the full-precision host store (``new_host_codec``), or None.
     static: bool = False
+    static_required: bool = False
     host_codec: str | None = None
     # A frozen dataclass of the policy's options: given, the base class builds ``self.options`` from
     # ``Config.policy_options`` (unknown names and wrong types refused with expected / got / fix; the dataclass's

@@ -79,14 +79,20 @@ class SpeCachePolicy(Policy):
                              f"{self.host_codec!r}; fix: host_codec='kvcomp' or leave it out")
         if self.host_codec is not None:
             self.new_host_codec()  # validates host_rel now, not at the first prefill
-        # the static decode path (policies/specache_static.py): fixed-capacity state, lengths on the device
-        self.static = opts.pop("static", False)
-        if not isinstance(self.static, bool):
-            raise ValueError(f"specache policy: policy_options['static'] expected True or False, got {self.static!r}")
-        if self.static:
-            from . import specache_static
+        # the static decode path (policies/specache_static.py): fixed-capacity state, lengths on the device. "auto"
+        # (the default): wherever the model's cache is written by position (a StaticCache, model.generate's default
+        # cache for this policy) and the options allow it; a DynamicCache decodes through the default path. True:
+        # required (a DynamicCache decode is refused, specache.generate makes a StaticCache); False: never.
+        from . import specache_static
 
+        static = opts.pop("static", "auto")
+        if static not in (True, False, "auto") or isinstance(static, int) and not isinstance(static, bool):
+            raise ValueError(f"specache policy: policy_options['static'] expected True, False or 'auto', got "
+                             f"{static!r}")
+        self.static_required = static is True
+        if self.static_required:
             specache_static.check_options(self)
+        self.static = static is True or (static == "auto" and not specache_static.problems(self))
         cake_keys = ("cake_window", "tau1", "tau2")
         self.cake = {"cake_window": 32, "tau1": 1.0, "tau2": 1.0}
         for key in cake_keys:

@@ -62,6 +62,14 @@ FUSED = "auto"
 
 def check_options(policy) -> None:
     """Raise ValueError if the SpeCache policy's options need what the static path does not do."""
+    bad = problems(policy)
+    if bad:
+        raise ValueError("specache policy: policy_options['static']=True does not support " + ", ".join(bad)
+                         + "; fix: drop those options or decode without static=True")
+
+
+def problems(policy) -> list[str]:
+    """What in the SpeCache policy's options the static path does not do (empty: it can decode this policy)."""
     bad = []
     if policy.sinks:
         bad.append(f"sinks={policy.sinks} (expected 0)")
@@ -73,9 +81,7 @@ def check_options(policy) -> None:
         bad.append(f"host_codec={policy.host_codec!r}")
     if policy.window % policy.group:
         bad.append(f"window={policy.window} with group_size={policy.group} (expected a multiple of group_size)")
-    if bad:
-        raise ValueError("specache policy: policy_options['static']=True does not support " + ", ".join(bad)
-                         + "; fix: drop those options or decode without static=True")
+    return bad
 
 
 class StepShared:
@@ -101,6 +107,12 @@ class StepShared:
     def clear(self) -> None:
         """Forget the step (a new sequence, a prefill call): nothing computed before is reused."""
         self.seen.clear()
+        self.vals.clear()
+
+    def forget_values(self) -> None:
+        """Drop the values, keep the sites seen: a site's history was rewritten in the middle of a step (each layer
+        follows a rewind in turn). Forgetting the sites too would let the next step's first layer, not seen since,
+        read this step's values as its own."""
         self.vals.clear()
 
     def get(self, key, make):
@@ -161,6 +173,9 @@ class StaticState:
         t["s_nq"] = torch.tensor(nq, dtype=torch.int64, **z)
         t["s_n"] = torch.tensor(n, dtype=torch.int64, **z)
         t["s_bad"] = torch.zeros((), dtype=torch.bool, **z)  # a write position was not the next one
+        # previous-query hit counters (_sample_previous) on the device: what the default path counted before is kept
+        t["prev_hits"] = torch.zeros((), dtype=torch.int64, **z) + t.get("prev_hits", 0)
+        t["prev_total"] = torch.zeros((), dtype=torch.int64, **z) + t.get("prev_total", 0)
         t["s_slot_idx"] = torch.full((2, b, h, self.topk), -1, dtype=torch.int64, **z)
         # constants, allocated once (a graph replays their addresses)
         t["s_cols"] = torch.arange(capacity, **z)
@@ -281,6 +296,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         _issue(site, st, top)
     else:
         # plain step: fetch the real row's choice now, on the main stream, into the current slot
+        _sample_previous(policy, t, t["s_slot_idx"][st.cur], top)
         idx_now = t["s_slot_idx"][st.cur].copy_(top)
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
         gather_rows_static(site.k.data, idx_now, k_f)
@@ -341,7 +357,9 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
         # plain step: rank with the real row (keys only), fetch its choice now on the main stream, then attend
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
         idx_now = t["s_slot_idx"][st.cur]
-        idx_now.copy_(fused(idx_now, 0, st.topk, attend=False)[1])
+        top = fused(idx_now, 0, st.topk, attend=False)[1]
+        _sample_previous(policy, t, idx_now, top)
+        idx_now.copy_(top)
         gather_rows_static(site.k.data, idx_now, k_f)
         gather_rows_static(site.v.data, idx_now, v_f)
         out = fused(idx_now, -1, 0)[0]
@@ -350,6 +368,19 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
     site.stats.fetched_bytes += nbytes
     st.step = (n_real, speculating, rows, nbytes)  # what replayed() counts for a step a graph replays
     return out
+
+
+def _sample_previous(policy, t, prev, top) -> None:
+    """How much of a plain step's top-k ``top`` [B, Hkv, k] the previous step's ``prev`` held (-1: nothing): the hit
+    rate a previous-query prefetch would have under ``model.generate`` (``previous_query_hit_rate``, as the default
+    path samples it). Every step where ``hit_every`` is set: a host step counter would not advance under a graph
+    replay; device counters, no sync."""
+    if not policy.hit_every:
+        return
+    held = prev >= 0
+    hits = ((top.unsqueeze(-1) == prev.unsqueeze(-2)) & held.unsqueeze(-2)).any(-1) & (top >= 0)
+    t["prev_hits"] += hits.sum()
+    t["prev_total"] += ((top >= 0) & held.any(-1, keepdim=True)).sum()
 
 
 def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):

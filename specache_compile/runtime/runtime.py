@@ -172,7 +172,7 @@ class Runtime:
                     f"specache: site {site_name} was given {past} past tokens but its store holds {site.length}; "
                     "expected the cache this compiled model returned last. Fix: pass that cache, or a fresh one."
                 )
-            if self.policy.static and (sq == 1 or speculating):
+            if self.policy.static_required and (sq == 1 or speculating):
                 raise CacheMismatch(
                     f"specache: site {site_name}: policy_options['static'] decodes index-mode caches only (positions "
                     "on the device, shapes fixed by the cache's capacity); this model's cache appends with "
@@ -214,11 +214,10 @@ class Runtime:
             first = 0
         if site is not None and "static" in site.tier and site.length > 0 and not (mode == INDEX and (sq == 1 or
                                                                                                   speculating)):
-            raise CacheMismatch(
-                f"specache: site {site_name} decodes with the static path (policy_options['static']), whose state is "
-                f"fixed for the sequence; got a {sq}-query call at position {site.length}. Fix: prefill the whole "
-                "prompt before the first decode step, and start a new sequence (position 0) for more."
-            )
+            # a multi-token call after static decode steps (a chunk more of prompt, assisted decoding's check of its
+            # drafts): the policy's state goes back to the default path's, rebuilt from the full-precision rows; the
+            # next one-token step builds the fixed-shape state again (a host round trip: rare, never a plain step)
+            self.rewrite_history(site, site.length, None, f"continued with a {sq}-token call")
         if not site.matches(k_new, v_new):
             raise CacheMismatch(
                 f"specache: site {site_name} was prefilled with batch {site.batch}, {site.heads} KV heads, "
@@ -434,16 +433,16 @@ class Runtime:
                 "beam search, assisted decoding and cache copies, or a generation mode that does not edit the cache."
             )
         if "static" in site.tier:
-            raise CacheMismatch(
-                f"specache: site {site.name}: the model's cache was {why}; the static decode path "
-                "(policy_options['static']) keeps fixed state for the sequence. Fix: compile without static=True."
-            )
+            # the fixed-shape state is rebuilt at the next static step from the default path's state rebuilt here;
+            # NOTE: a host sync (the store's rows the GPU wrote must have landed before they are read back)
+            if site.device.type == "cuda":
+                torch.cuda.synchronize(site.device)
         site.truncate(n)
         if rows is not None:
             site.select_batch(rows)
         self._retire(site, 0 if rows is not None else n)
         site.low_water = 0 if rows is not None else min(site.low_water, n)
-        self._step_shared.clear()
+        self._step_shared.forget_values()
         self.policy.reset(site)
         if n:
             self.policy.append(site, site.k.read(0, n, site.device), site.v.read(0, n, site.device), 0)

@@ -96,39 +96,52 @@ def test_a_replaced_cache_is_refused_not_replayed():
 
 
 @torch.no_grad()
-def test_beam_search_over_the_static_policy_is_refused():
-    """model.generate's default cache for a static policy is a StaticCache, which beam search reorders outside the
-    graph: refused (the prefill allocates the cache's buffer, whose placeholder is what the check compares)."""
+def test_beam_search_decodes_through_a_dynamic_cache_or_is_refused():
+    """Beam search reorders the cache outside the graph. By default model.generate keeps transformers' DynamicCache
+    for it (the store follows the reorder): equal to the unmodified model. Asked for specache's StaticCache, the
+    reorder is refused (the prefill allocates that cache's buffer; its placeholder is what the check compares);
+    with the static path required, the DynamicCache decode is refused."""
     base = hf_models.build("llama", seed=6)
+    ids = _ids(20, 8)
+    m = specache.compile(hf_models.twin(base), topk=4096, window=16, group_size=16)
+    want = base.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(m.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False), want)
+    specache.reset(m)
+    with pytest.raises(CacheMismatch, match="buffers were replaced"):
+        m.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, cache_implementation="specache")
     m, _ = _compiled(base)
-    with pytest.raises(CacheMismatch, match="buffers were replaced.*without policy_options"):
-        m.generate(_ids(20, 8), max_new_tokens=6, num_beams=3, do_sample=False)
+    with pytest.raises(CacheMismatch, match="decodes index-mode caches only"):
+        m.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
 
 
 @torch.no_grad()
-def test_a_rewound_write_position_is_raised():
-    """A replayed step whose cache writes somewhere else than the next position is refused: on CUDA (positions on the
-    device) the captured step flags it and the next check raises (here specache.stats); the re-run that stands in for
-    a replay here reads the host positions and raises at once."""
+def test_a_rewound_hand_loop_is_followed():
+    """A hand loop that rewinds its write position (a draft model re-decoding): on the CPU the positions are read at
+    once and the store follows (the static state is rebuilt from the full-precision rows, then proven and captured
+    again); the logits equal the unmodified model's over the same loop. (On CUDA the positions stay on the device:
+    the captured step flags the rewind and the next check raises, tests/test_gpu.py.)"""
     from transformers import StaticCache
 
     base = hf_models.build("llama", seed=3)
     m, graphs = _compiled(base)
-    cache = StaticCache(config=m.config, max_cache_len=64)
-    tok = m(input_ids=_ids(20, 5), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    def step(tok, p):
-        for layer in cache.layers:  # transformers that write at the layer's own counter
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and layer.is_initialized:
-                layer.cumulative_length.fill_(p)
-        return m(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
-                 cache_position=torch.tensor([p])).logits[:, -1:].argmax(-1)
 
-    for p in (20, 21, 22, 23):
-        tok = step(tok, p)
-    assert graphs.stats()["replayed"] == 1
-    with pytest.raises(CacheMismatch, match="other positions than the next one|rewound to position 21"):
-        step(tok, 21)  # rewinds by hand
-        specache.stats(m)
+    def loop(model):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        tok = model(input_ids=_ids(20, 5), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        kept = []
+        for p in (20, 21, 22, 23, 24, 21, 22, 23, 24, 25, 26):  # rewinds to 21 by hand
+            for layer in cache.layers:  # transformers that write at the layer's own counter
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) and layer.is_initialized:
+                    layer.cumulative_length.fill_(p)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
+                        cache_position=torch.tensor([p]))
+            kept.append(out.logits)
+            tok = out.logits[:, -1:].argmax(-1)
+        return torch.cat(kept, 1)
+
+    torch.testing.assert_close(loop(m), loop(base), rtol=1e-4, atol=1e-4)
+    assert graphs.stats()["captured"] == 2 and graphs.stats()["replayed"] >= 3
+    assert all(s["rewrites"] == 1 for s in specache.stats(m)["store"].values())
 
 
 @torch.no_grad()

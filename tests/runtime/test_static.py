@@ -138,8 +138,24 @@ def test_static_options_are_checked():
     with pytest.raises(ValueError, match="multiple of group_size"):
         specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), window=24, group_size=16,
                          policy_options={"static": True})
-    with pytest.raises(ValueError, match="expected True or False"):
-        specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), policy_options={"static": "yes"})
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="expected True, False or 'auto'"):
+            specache.compile(hf_models.twin(hf_models.build("llama", layers=1)), policy_options={"static": bad})
+
+
+def test_static_by_default_where_the_options_allow():
+    """policy_options static defaults to "auto": the static path for caches written by position where the options
+    allow it, never required (a DynamicCache decodes through the default path)."""
+    from specache_compile.policies import registered
+
+    def policy(**kw):
+        return registered()["specache"].from_config(specache.Config(**kw))
+
+    assert policy().static and not policy().static_required
+    assert policy(policy_options={"static": True}).static_required
+    assert not policy(policy_options={"static": False}).static
+    for kw in ({"sinks": 4}, {"window": 24, "group_size": 16}, {"policy_options": {"miss_rule": "fetch"}}):
+        assert not policy(**kw).static, kw
 
 
 def test_static_needs_an_index_mode_cache():
@@ -197,7 +213,7 @@ def test_fixed_buffer_steps_equal_the_step_by_step_loop(monkeypatch):
 def test_cuda_graph_refuses_what_it_cannot_capture():
     base = hf_models.build("llama", layers=1)
     ids = torch.randint(3, base.config.vocab_size, (1, 20))
-    m = specache.compile(hf_models.twin(base), topk=4)
+    m = specache.compile(hf_models.twin(base), topk=4, policy_options={"static": False})
     with pytest.raises(ValueError, match="CUDA graphs need CUDA") as e:
         specache.generate(m, ids, 4, cuda_graph=True)
     msg = str(e.value)
