@@ -1,12 +1,14 @@
 """``cache_implementation="specache"``: the cache ``model.generate`` decodes into after ``specache.compile``.
 
-A transformers ``StaticCache`` whose capacity is rounded up to a bucket (a power of two, at least
+A transformers ``StaticCache`` whose capacity is rounded up to a bucket (four buckets per power of two, at least
 :data:`MIN_BUCKET` positions). Why a StaticCache: its writes go by position (``index_copy_``), which the pass turns
 into index-mode sites whose state has the cache's fixed capacity, the shape the static decode path and a CUDA graph
 need. Why buckets: every ``generate`` call with a new ``prompt + max_new_tokens`` would otherwise give the cache a new
 capacity, hence new graph shapes and a recompile per call (transformers keeps the largest capacity seen, which still
 recompiles at every new maximum); with buckets the shapes change only when a call outgrows its bucket. The price is
-capacity the call does not use, at most half the bucket, in the store's host buffers and the policy's device tier.
+capacity the call does not use, in the store's host buffers and the static path's device state (both sized by the
+capacity): a quarter of the length at most above 4K positions (power-of-two buckets cost up to as much again as the
+length, the demo's 2K prompt 1.9x its host KV), for at most four recompiles per doubling of the length.
 
 Not registered in transformers' tables of cache implementations (they are module constants its ``generate``
 validates against): the compiled model's ``generate`` (api._generate_checked) builds this cache itself when asked for
@@ -24,10 +26,12 @@ MIN_BUCKET = 1024  # positions: below it a bucket's unused capacity costs less t
 
 
 def bucket(n: int) -> int:
-    """The capacity a cache needs for ``n`` positions: the smallest power of two >= max(n, MIN_BUCKET)."""
+    """The capacity a cache needs for ``n`` positions: ``n`` rounded up to a multiple of an eighth of the next power
+    of two (at least MIN_BUCKET): 3072 for 2115, 10240 for 8206, 163840 for 131086."""
     if n < 1:
         raise ValueError(f"specache cache: expected a positive number of positions, got {n}")
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    step = max(MIN_BUCKET, (1 << (n - 1).bit_length()) // 8)
+    return -(-n // step) * step
 
 
 def make_cache(model: torch.nn.Module, positions: int):

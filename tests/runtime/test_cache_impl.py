@@ -14,7 +14,12 @@ from specache_compile import cache as sc
 
 
 def test_bucket():
-    assert [sc.bucket(n) for n in (1, 1024, 1025, 5000)] == [sc.MIN_BUCKET, 1024, 2048, 8192]
+    assert [sc.bucket(n) for n in (1, 1024, 1025, 2115, 5000, 8206, 131086)] == [
+        sc.MIN_BUCKET, 1024, 2048, 3072, 5120, 10240, 163840]
+    for n in range(1, 300_000, 997):  # room for n, at most a quarter more above 4K, four buckets per doubling
+        b = sc.bucket(n)
+        assert b >= n and (n <= 4096 or b <= 1.25 * n), (n, b)
+    assert len({sc.bucket(n) for n in range(32769, 65537)}) == 4
     with pytest.raises(ValueError, match="expected a positive number"):
         sc.bucket(0)
 
@@ -66,6 +71,6 @@ def test_generate_kwargs_leaves_other_choices_alone():
     for kw in ({"cache_implementation": "static"}, {"use_cache": False, "cache_implementation": None}):
         assert sc.generate_kwargs(base, (ids,), kw, True, "cache").get("cache") is None
     assert sc.generate_kwargs(base, (ids,), {"max_new_tokens": 4}, False, "cache").get("cache") is None
-    for kw, cap in (({"max_new_tokens": 4}, sc.MIN_BUCKET), ({"max_length": 3000}, 4096)):
+    for kw, cap in (({"max_new_tokens": 4}, sc.MIN_BUCKET), ({"max_length": 3000}, 3072)):
         got = sc.generate_kwargs(base, (ids,), kw, True, "cache")["cache"]
         assert {layer.max_cache_len for layer in got.layers} == {cap}
