@@ -15,7 +15,8 @@
 #       (fused_decode at 32K/128K x batch 1/8 x bits 2/1, the unfused ops beside it, a launch-shape sweep);
 #       graph_rows / graph_b8: full-graph, full-flash and specache-graph decode rows at 8K/32K/128K batch 1 / 32K batch 8
 #       (issue 18's comparison: one machine, one process per step); hf_generate: model.generate unmodified and after
-#       specache.compile (static policy, defaults, full) at 8K/32K/128K batch 1 (issue 17's rows);
+#       specache.compile (defaults: the static path with decode graphs; full), beside full-graph, at 8K/32K/128K batch 1
+#       (issue 17's rows);
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
 #       the GPU idle: run it beside the GPU tests, never beside a timed step), waited for at the end
 #
@@ -87,7 +88,9 @@ for step in $steps; do
         rows) ms=${ROWS_METHODS:?set ROWS_METHODS}; cs=${ROWS_CONTEXTS:?set ROWS_CONTEXTS}; lim=${ROWS_LIMIT:-300} ;;
         graph_rows) ms="full-graph full-flash specache-graph"; cs=$all; lim=${ROWS_LIMIT:-540} ;;
         graph_b8) ms="full-graph full-flash specache-graph"; cs="32768"; bs=8; lim=${ROWS_LIMIT:-420} ;;
-        hf_generate) ms="hf-generate hf-generate-specache:static=true hf-generate-specache hf-generate-full"
+        # model.generate: the unmodified model, specache's defaults (static path, decode graphs), the full policy, and
+        # the strongest baseline in the same process
+        hf_generate) ms="hf-generate-specache full-graph hf-generate hf-generate-full"
           cs=$all; lim=${ROWS_LIMIT:-540} ;;
       esac
       # shellcheck disable=SC2086
