@@ -342,9 +342,9 @@ def graph_greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on
 
 
 # Kernels that read the KV a decode step attends: the flash kernels (full caches), specache's decode kernels.
-ATTN_KERNELS = ("flash_fwd", "fused_decode_kernel", "rank_topk_kernel", "rank_probs_kernel", "lowbit_decode_split_kernel",
-                "lowbit_scores_kernel", "merge_splits_kernel", "substitution_bitmap_kernel", "row_stats_kernel",
-                "block_topk_kernel")
+ATTN_KERNELS = ("flash_fwd", "fused_decode_kernel", "rank_topk_kernel", "rank_probs_kernel",
+                "lowbit_decode_split_kernel", "lowbit_scores_kernel", "merge_splits_kernel",
+                "substitution_bitmap_kernel", "row_stats_kernel", "block_topk_kernel")
 
 
 def hbm_peak_gbps(reps: int = 20) -> float:
