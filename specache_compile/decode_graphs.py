@@ -35,6 +35,7 @@ inside a capture already under way (``specache.generate(cuda_graph=True)`` captu
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -53,7 +54,7 @@ class DecodeGraphs:
     def __init__(self, call, runtime, module: torch.nn.Module, capture: bool = True) -> None:
         self.call = call
         self.runtime = runtime
-        self._module_training = lambda: module.training  # no reference cycle through a bound method of the module
+        self._module = weakref.ref(module)  # the module holds this object (its compiled call): no cycle back
         self.capture = capture
         self.graphs: dict[tuple, _Graph] = {}
         self._safe: OrderedDict[tuple, None] = OrderedDict()
@@ -118,6 +119,8 @@ class DecodeGraphs:
             del self.graphs[k]
         self.graphs[key] = graph
         self.captured += 1
+        log.debug("specache: decode step captured as a CUDA graph (%d captured, %d replays so far)", self.captured,
+                  self.replayed)
         return graph.first_output()
 
     # -- keys -----------------------------------------------------------------------------------------------------
@@ -125,7 +128,9 @@ class DecodeGraphs:
         rt = self.runtime
         states = tuple((name, id(s.tier.get("static")), getattr(s.tier.get("static"), "cur", None))
                        for name, s in rt.sites.items())
-        return (states, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), self._module_training(),
+        module = self._module()
+        training = module is not None and module.training
+        return (states, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), training,
                 tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in sorted(kwargs.items())))
 
     def stats(self) -> dict[str, int]:
