@@ -178,6 +178,24 @@ def test_cuda_model_generate_replays_graphs_and_equals_eager(batch):
     assert g0["replayed"] == 0 and g1["captured"] == 2 and g1["replayed"] == (20 - 1 - 3) + (16 - 1 - 3), g1
 
 
+def test_cuda_quant_static_path_replays_and_equals_its_default_path():
+    """quant with policy_options static=True: SpeCache's static path without the fetch, its decode steps replayed as
+    CUDA graphs under model.generate, gives the tokens of quant's default path (float32: both attend through the same
+    Triton low-bit kernel, with their columns in another order)."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    outs = []
+    for static in (False, True):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, policy="quant", inner="inductor", policy_options={"static": static})
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40,
+                                   cache_implementation="specache"))
+    assert torch.equal(outs[0], outs[1])
+    assert specache.stats(m)["cuda_graphs"]["replayed"] == 40 - 1 - 3
+
+
 def test_cuda_replayed_steps_have_no_host_sync():
     """A replayed step (input copies, the graph, the bookkeeping, the fresh outputs) never waits for the GPU."""
     base = _bigger(torch.bfloat16)

@@ -19,7 +19,8 @@ sinks and window as the substituted columns and no fetched row.
 Hyperparameters are Config fields: ``bits`` (2 or 4 for KIVI; 1 also runs, with SpeCache's quarter-point 1-bit
 quantizer), ``group_size`` (default 64) and ``window`` (the residual, default 64): SpeCache §4.1's KIVI setting, so
 ``quant`` is SpeCache without the host copy at equal device bytes. ``sinks`` (default 0, KIVI keeps none) keeps the
-first tokens in full precision as in SpeCache. No policy_options.
+first tokens in full precision as in SpeCache. ``policy_options={"static": True}`` (or ``"auto"``) decodes through
+SpeCache's static path without the fetch (fixed-capacity state, CUDA graphs under ``model.generate``).
 
 The state and its update are SpeCache's exactly (this class inherits ``append``): a partial group is never quantized
 and appending a token never re-quantizes the past. ``uses_store = False``: the runtime writes nothing to the host.
@@ -50,10 +51,25 @@ class QuantPolicy(SpeCachePolicy):
         self.window = config.window
         self.sinks = config.sinks
         self.topk = 0  # nothing is fetched (SpeCache's reset sizes its fetch slots by it; they are dropped below)
-        if config.policy_options:
-            raise ValueError(f"quant policy: unknown policy_options {sorted(config.policy_options)}; expected none "
+        # what SpeCache's static path reads of its options: every token outside the window attends through the copy
+        self.lowbit_remainder, self.miss_rule = True, "lowbit"
+        opts = dict(config.policy_options)
+        static = opts.pop("static", False)
+        if opts:
+            raise ValueError(f"quant policy: unknown policy_options {sorted(opts)}; expected at most 'static' "
                              "(bits, group_size, window and sinks are Config fields); fix: pass them as keywords, "
                              "e.g. specache.compile(model, policy='quant', bits=4, window=128)")
+        # SpeCache's static path without the fetch (policies/specache_static.py): fixed-capacity copy and ring,
+        # lengths on the device, so model.generate's steps replay as CUDA graphs. Off by default until its GPU run:
+        # True requires it, "auto" takes it where the cache is written by position and the options allow it
+        from . import specache_static
+
+        if static not in (True, False, "auto") or isinstance(static, int) and not isinstance(static, bool):
+            raise ValueError(f"quant policy: policy_options['static'] expected True, False or 'auto', got {static!r}")
+        self.static_required = static is True
+        if self.static_required:
+            specache_static.check_options(self)
+        self.static = static is True or (static == "auto" and not specache_static.problems(self))
 
     def reset(self, site):
         super().reset(site)

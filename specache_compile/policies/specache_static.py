@@ -64,7 +64,7 @@ def check_options(policy) -> None:
     """Raise ValueError if the SpeCache policy's options need what the static path does not do."""
     bad = problems(policy)
     if bad:
-        raise ValueError("specache policy: policy_options['static']=True does not support " + ", ".join(bad)
+        raise ValueError(f"{policy.name} policy: policy_options['static']=True does not support " + ", ".join(bad)
                          + "; fix: drop those options or decode without static=True")
 
 
@@ -138,7 +138,8 @@ class StaticState:
         self.capacity = capacity
         self.cq = -(-capacity // g) * g  # whole groups covering [0, C)
         self.ring = w + g
-        self.topk = min(policy.topk_of(site), capacity)  # a top-k over C columns picks at most C
+        # a top-k over C columns picks at most C; 0 for a policy that fetches nothing (quant: the copy and the ring)
+        self.topk = min(policy.topk_of(site), capacity) if policy.topk else 0
         self.cur = 0  # the prefetch slot this step reads (host-side: two graphs, one per parity, would capture both)
         self.issued = [False, False]  # a fetch was launched into that slot
         self.step = None  # (rows stored, speculative, rows fetched, bytes fetched) of the last step: see replayed()
@@ -180,13 +181,16 @@ class StaticState:
         # constants, allocated once (a graph replays their addresses)
         t["s_cols"] = torch.arange(capacity, **z)
         t["s_ring_rows"] = torch.arange(self.ring, **z)
-        policy.fit_slots(site, self.topk)
-        pf = t["prefetch"]
-        pf.slots_k.zero_()  # a slot row nobody fetched into is attended with weight 0: it must not hold a NaN
-        pf.slots_v.zero_()
-        if pf.rows < self.topk:
-            raise RuntimeError(f"specache: site {site.name}: prefetch slots of {pf.rows} rows for a top-k of "
-                               f"{self.topk}")
+        if self.topk:
+            policy.fit_slots(site, self.topk)
+            pf = t["prefetch"]
+            pf.slots_k.zero_()  # a slot row nobody fetched into is attended with weight 0: it must not hold a NaN
+            pf.slots_v.zero_()
+            if pf.rows < self.topk:
+                raise RuntimeError(f"specache: site {site.name}: prefetch slots of {pf.rows} rows for a top-k of "
+                                   f"{self.topk}")
+        if not site.keep_full:  # a policy without the full-precision store (quant): nothing written to the host
+            return
         site.k.reserve(capacity)  # one allocation (and a sync if it grows): the store is written in place from now
         site.v.reserve(capacity)
         if dev.type == "cuda" and site.k.data.device.type == "cpu" and not site.k.data.is_pinned():
@@ -235,8 +239,9 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
         slots = _shared(site, ("ring_slots", n_real, ring), lambda: p % ring)
         t["s_ring_k"].index_copy_(2, slots, k_new[:, :, :n_real])
         t["s_ring_v"].index_copy_(2, slots, v_new[:, :, :n_real])
-        scatter_rows_static(k_new[:, :, :n_real], p, site.k.data)
-        scatter_rows_static(v_new[:, :, :n_real], p, site.v.data)
+        if site.keep_full:
+            scatter_rows_static(k_new[:, :, :n_real], p, site.k.data)
+            scatter_rows_static(v_new[:, :, :n_real], p, site.v.data)
         n.add_(n_real)
 
         # (2) quantize the ring's oldest group, kept only if the ring is full (branch-free: same launches every step)
@@ -263,7 +268,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     low = [t[name][:, :, : st.cq // g if name in ("s_ks", "s_kz") else st.cq]
            for name in ("s_kq", "s_ks", "s_kz", "s_vq", "s_vs", "s_vz")]
     if st.fused is None:
-        st.fused = FUSED == "always" or (FUSED == "auto" and fused_decode_supported(
+        st.fused = st.topk > 0 and (FUSED == "always" or FUSED == "auto" and fused_decode_supported(
             q, low[0], low[1], low[4], t["s_ring_k"], t["s_ring_v"], t["s_ring_k"], policy.bits, g, sq - 1, st.topk))
     if st.fused:
         return _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, speculating, low)
@@ -272,6 +277,9 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     k_cols, v_cols = t["s_ring_k"][:, :, :ring], t["s_ring_v"][:, :, :ring]
     if speculating:
         k_cols, v_cols = torch.cat([k_cols, k_new[:, :, -1:]], 2), torch.cat([v_cols, v_new[:, :, -1:]], 2)
+    if not st.topk:  # nothing fetched (quant): attention over the copy with the ring substituted
+        st.step = (n_real, speculating, 0, 0)
+        return ops.lowbit_decode_attention(q, *low, policy.bits, g, 0, k_cols, v_cols, pos_cols, bias, scale)
 
     # (3) rank with the speculative row (or the real row of a plain step)
     r = sq - 1 if speculating else 0

@@ -295,7 +295,7 @@ class Runtime:
                 f"specache: site {site.name}: the static decode path attends the whole cache; this attention reads "
                 f"columns [{lo}, {hi}) of {base_len}. Fix: decode without policy_options['static'] for this model."
             )
-        if not site.keep_full or site.codec is not None:
+        if self.policy.uses_store and (not site.keep_full or site.codec is not None):
             raise CacheMismatch(f"specache: site {site.name}: the static decode path needs the full-precision store")
         if site.length >= base_len:
             raise CacheMismatch(f"specache: site {site.name}: the cache holds {base_len} positions, all written; "

@@ -122,3 +122,45 @@ def test_small_window_quantizes_and_bounds_device_bytes():
     win = (window + group) * 2 * d * 4  # the full-precision window (K, V), allocated once
     assert st["bytes"]["device"] == heads * (low + win)
     assert st["bytes"]["device"] < helpers.gptfast_kv_bytes(cap) and st["bytes"]["host"] == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@torch.no_grad()
+def test_static_path_equals_the_default_path(batch):
+    """policy_options static=True: SpeCache's static path without the fetch (the copy and the ring at the cache's
+    capacity, lengths on the device) gives the default path's tokens over 40 steps that quantize groups; nothing is
+    written to the host; the decode steps replay (capture=False stands in for a CUDA graph on the CPU)."""
+    import hf_models
+
+    import specache
+
+    base = hf_models.build("llama", seed=0, layers=2).double()
+    ids = torch.randint(3, 128, (batch, 150), generator=torch.Generator().manual_seed(1))
+    outs, graphs = [], None
+    for static in (False, True):
+        torch._dynamo.reset()
+        m = specache.compile(hf_models.twin(base), policy="quant", window=16, group_size=16,
+                             policy_options={"static": static})
+        graphs = m._specache_graphs
+        graphs.capture = False
+        outs.append(m.generate(ids, max_new_tokens=40, do_sample=False, cache_implementation="specache"))
+        sites = specache.runtime_of(m).sites.values()
+        assert all(("static" in s.tier) == static for s in sites)
+        assert specache.memory(m)["host"] == 0
+    assert torch.equal(outs[0], outs[1])
+    assert graphs.stats()["replayed"] == 40 - 1 - 3
+
+
+def test_static_is_off_unless_asked():
+    from specache_compile.policies import registered
+
+    def quant(**opts):
+        return registered()["quant"].from_config(Config(policy="quant", group_size=16, window=16,
+                                                        policy_options=opts))
+
+    assert not quant().static and quant(static="auto").static and quant(static=True).static_required
+    with pytest.raises(ValueError, match="quant policy: policy_options\\['static'\\]=True does not support sinks"):
+        registered()["quant"].from_config(Config(policy="quant", sinks=4, group_size=16, window=16,
+                                                 policy_options={"static": True}))
+    with pytest.raises(ValueError, match="expected True, False or 'auto'"):
+        quant(static="yes")
