@@ -145,7 +145,11 @@ def _arg_key(x: Any):
         return x
     if isinstance(x, (tuple, list)):
         return (type(x).__name__, tuple(_arg_key(v) for v in x))
-    return ("O", id(x))
+    if hasattr(x, "layers"):  # a transformers cache: by identity, its tensors checked before a replay
+        return ("C", id(x))
+    # anything else (a dict, a mask object) may carry tensors a replay would not stage: a key equal to no other, so
+    # such a call always runs eagerly
+    return ("U", object())
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:

@@ -165,3 +165,19 @@ def test_policies_without_a_static_decode_are_never_replayed():
     out = m.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="specache")
     assert torch.equal(out, base.generate(ids, max_new_tokens=8, do_sample=False))
     assert specache.stats(m)["cuda_graphs"]["replayed"] == 0
+
+
+def test_calls_with_unknown_objects_are_never_replayed():
+    """An argument the key cannot see into (a dict, an object other than a cache) may carry tensors a replay would
+    not stage: its calls never share a key, so they run eagerly."""
+    from specache_compile.decode_graphs import _arg_key
+
+    extra = {"x": torch.zeros(1)}
+    assert _arg_key(extra) != _arg_key(extra)
+    assert _arg_key(torch.zeros(2, 3)) == _arg_key(torch.ones(2, 3)) != _arg_key(torch.zeros(3, 2))
+
+    class Cache:
+        layers = ()
+
+    c = Cache()
+    assert _arg_key(c) == _arg_key(c) != _arg_key(Cache())
