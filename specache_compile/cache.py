@@ -93,5 +93,11 @@ def generate_kwargs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any],
         if max_length is None:
             return out
         new = max_length - prompt
-    out[cache_key] = make_cache(model, prompt + max(int(new), 0) + 1)
+    cache = make_cache(model, prompt + max(int(new), 0) + 1)
+    if impl is None and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        # a sliding-window layer of a StaticCache rolls its buffer in place (copy_), which the pass cannot follow:
+        # such a site would keep its original attention, its full KV on the device. The default DynamicCache's
+        # sliding layers are rewritten (window mode), so by default those models keep it
+        return out
+    out[cache_key] = cache
     return out

@@ -74,3 +74,19 @@ def test_generate_kwargs_leaves_other_choices_alone():
     for kw, cap in (({"max_new_tokens": 4}, sc.MIN_BUCKET), ({"max_length": 3000}, 3072)):
         got = sc.generate_kwargs(base, (ids,), kw, True, "cache")["cache"]
         assert {layer.max_cache_len for layer in got.layers} == {cap}
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral"])
+@torch.no_grad()
+def test_sliding_window_models_keep_the_dynamic_cache_by_default(arch):
+    """A StaticCache's sliding-window layers roll their buffer in place, which the pass cannot follow (the site would
+    keep its original attention and its full KV on the device): by default model.generate keeps transformers'
+    DynamicCache for such a model, whose sliding layers are rewritten; every site is rewritten and the tokens equal
+    the unmodified model's."""
+    base = build(arch, seed=3)
+    m = specache.compile(twin(base), topk=4096, window=16, group_size=16)
+    ids = _prompt(60, 9)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, do_sample=False),
+                       base.generate(ids, max_new_tokens=8, do_sample=False))
+    st = specache.stats(m)
+    assert st["found"] == st["rewritten"] > 0, st["sites"]
