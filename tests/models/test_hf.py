@@ -137,6 +137,22 @@ def test_more_architectures_match_unmodified(arch, policy):
     assert max(errs) <= FP32_REL, errs
 
 
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=() if a == "llama" else slow_sweep)
+                                  for a in ARCHS + MORE_ARCHS])
+@torch.no_grad()
+def test_model_generate_defaults_rewrite_every_attention(arch):
+    """specache.compile with its defaults, then an unchanged model.generate: the cache it picks (the bucketed
+    StaticCache and the static path, or the DynamicCache for a sliding-window model) leaves no attention alone, and
+    with a covering top-k the greedy tokens are the unmodified model's."""
+    base = build(arch, "sdpa", seed=0)
+    model = specache.compile(twin(base), topk=4096, window=16, group_size=16)
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    got = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, base.generate(ids, max_new_tokens=6, do_sample=False))
+    st = specache.stats(model)
+    assert st["found"] == st["rewritten"] > 0, st["sites"]
+
+
 @pytest.mark.parametrize("arch,why", [("gemma2", "torch.tanh"), ("bloom", "baddbmm")])
 def test_attention_the_pass_cannot_rewrite_keeps_its_code_and_says_why(arch, why):
     """Gemma-2 soft-caps its scores (tanh between q·kᵀ and the softmax) and Bloom adds ALiBi inside alibi.baddbmm(q,
