@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 
+from .policies import specache_static
+from .runtime.runtime import NORMAL
+
 log = logging.getLogger("specache")
 
 _SAFE_KEPT = 8  # keys proven safe and not yet captured: a loop whose shapes change every step proves nothing twice
@@ -79,11 +82,11 @@ class DecodeGraphs:
     def _eligible(self) -> bool:
         rt = self.runtime
         if self.disabled or not (rt.config.cuda_graphs and rt.policy.static) or rt.config.measure_error or \
-                rt.step_mode != "normal":
+                rt.step_mode != NORMAL:
             return False
-        if not torch.cuda.is_available() and self.capture:
-            return False
-        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        if not torch.cuda.is_available():
+            return not self.capture
+        return not torch.cuda.is_current_stream_capturing()
 
     def _eager(self, key: tuple, args, kwargs):
         rt = self.runtime
@@ -126,8 +129,8 @@ class DecodeGraphs:
     # -- keys -----------------------------------------------------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         rt = self.runtime
-        states = tuple((name, id(s.tier.get("static")), getattr(s.tier.get("static"), "cur", None))
-                       for name, s in rt.sites.items())
+        states = tuple((name, id(st), None if st is None else st.cur)
+                       for name, st in ((name, s.tier.get("static")) for name, s in rt.sites.items()))
         module = self._module()
         training = module is not None and module.training
         return (states, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), training,
@@ -152,21 +155,19 @@ def _arg_key(x: Any):
     return ("U", object())
 
 
+def _map_tensors(fn, x: Any):
+    """``x`` with ``fn`` applied to every tensor in it (nested tuples and lists), in the order the key lists them."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(fn, v) for v in x)
+    return x
+
+
 def _tensors(args, kwargs) -> list[torch.Tensor]:
     """The tensor arguments of a call, in the order the key lists them."""
-    out = []
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                walk(v)
-
-    for a in args:
-        walk(a)
-    for _, v in sorted(kwargs.items()):
-        walk(v)
+    out: list[torch.Tensor] = []
+    _map_tensors(out.append, (args, [v for _, v in sorted(kwargs.items())]))
     return out
 
 
@@ -204,16 +205,8 @@ class _Graph:
         # the staged inputs: this call's tensors, copied; the graph reads these addresses on every replay
         self.inputs = [t.clone() for t in _tensors(args, kwargs)]
         it = iter(self.inputs)
-
-        def staged(x):
-            if isinstance(x, torch.Tensor):
-                return next(it)
-            if isinstance(x, (tuple, list)):
-                return type(x)(staged(v) for v in x)
-            return x
-
-        s_args = tuple(staged(a) for a in args)
-        s_kwargs = {k: staged(v) for k, v in sorted(kwargs.items())}
+        s_args, s_values = _map_tensors(lambda t: next(it), (args, [v for _, v in sorted(kwargs.items())]))
+        s_kwargs = dict(zip(sorted(kwargs), s_values))
         self.cache_ptrs = _cache_tensors(args, kwargs)
         self.sites = [s for s in rt.sites.values() if "static" in s.tier]
         self.calls = 0
@@ -247,8 +240,6 @@ class _Graph:
         if not self.owner.capture:
             return _fresh(self._rerun())
         self.graph.replay()
-        from .policies import specache_static
-
         for site in self.sites:
             specache_static.replayed(site, 1)
         rt = self.owner.runtime
