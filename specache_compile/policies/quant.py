@@ -64,12 +64,7 @@ class QuantPolicy(SpeCachePolicy):
         # True requires it, "auto" takes it where the cache is written by position and the options allow it
         from . import specache_static
 
-        if static not in (True, False, "auto") or isinstance(static, int) and not isinstance(static, bool):
-            raise ValueError(f"quant policy: policy_options['static'] expected True, False or 'auto', got {static!r}")
-        self.static_required = static is True
-        if self.static_required:
-            specache_static.check_options(self)
-        self.static = static is True or (static == "auto" and not specache_static.problems(self))
+        specache_static.parse_static(self, static)
 
     def reset(self, site):
         super().reset(site)

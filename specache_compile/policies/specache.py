@@ -85,14 +85,7 @@ class SpeCachePolicy(Policy):
         # required (a DynamicCache decode is refused, specache.generate makes a StaticCache); False: never.
         from . import specache_static
 
-        static = opts.pop("static", "auto")
-        if static not in (True, False, "auto") or isinstance(static, int) and not isinstance(static, bool):
-            raise ValueError(f"specache policy: policy_options['static'] expected True, False or 'auto', got "
-                             f"{static!r}")
-        self.static_required = static is True
-        if self.static_required:
-            specache_static.check_options(self)
-        self.static = static is True or (static == "auto" and not specache_static.problems(self))
+        specache_static.parse_static(self, opts.pop("static", "auto"))
         cake_keys = ("cake_window", "tau1", "tau2")
         self.cake = {"cake_window": 32, "tau1": 1.0, "tau2": 1.0}
         for key in cake_keys:

@@ -53,11 +53,24 @@ from ..kernels import ops
 from ..kernels.attn_ops import select_topk
 from ..kernels.fused_ops import fused_decode_supported
 from ..kernels.quant_ops import gather_rows_static, quantize_group_static, scatter_rows_static
+from ..runtime.streams import overlap_count
 
 _NEG = float("-inf")
 # Where the static path runs fused_decode: "auto" where its Triton kernel runs, "always" also where the op runs its
 # reference (tests of the wiring on CPU), "never" the unfused ops everywhere.
 FUSED = "auto"
+
+
+def parse_static(policy, value) -> None:
+    """``policy_options['static']`` of a policy with this path: True requires it (the options are checked now),
+    "auto" takes it where the options allow it, False never. Sets ``policy.static`` and ``policy.static_required``."""
+    if value not in (True, False, "auto") or isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"{policy.name} policy: policy_options['static'] expected True, False or 'auto', got "
+                         f"{value!r}")
+    policy.static_required = value is True
+    if policy.static_required:
+        check_options(policy)
+    policy.static = value is True or (value == "auto" and not problems(policy))
 
 
 def check_options(policy) -> None:
@@ -298,7 +311,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
             pf.stats.consumed += 1
             if policy.hit_every == 1 and sq > 1:  # a second ranking per step: only when asked for every step
                 real = _rank_rows(policy, site, st, q[:, :, :1], bias[..., :1, :], low, k_cols, pos_cols, scale)
-                t["hits"] += (real.unsqueeze(-1) == idx_now.unsqueeze(-2)).any(-1).sum()
+                t["hits"] += overlap_count(real, idx_now)
                 t["hit_total"] += real.numel()
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
         _issue(site, st, top)
@@ -357,7 +370,7 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
         if st.issued[st.cur] and policy.hit_every == 1 and sq > 1:  # a second ranking: only when asked every step
             real = fused(idx_now, 0, st.topk, attend=False)[1]
-            t["hits"] += (real.unsqueeze(-1) == idx_now.unsqueeze(-2)).any(-1).sum()
+            t["hits"] += overlap_count(real, idx_now)
             t["hit_total"] += real.numel()
         out, top = fused(idx_now, sq - 1, st.topk)
         _issue(site, st, top)
@@ -385,10 +398,9 @@ def _sample_previous(policy, t, prev, top) -> None:
     replay; device counters, no sync."""
     if not policy.hit_every:
         return
-    held = prev >= 0
-    hits = ((top.unsqueeze(-1) == prev.unsqueeze(-2)) & held.unsqueeze(-2)).any(-1) & (top >= 0)
-    t["prev_hits"] += hits.sum()
-    t["prev_total"] += ((top >= 0) & held.any(-1, keepdim=True)).sum()
+    # -1 (nothing) in both never counts as a hit: only chosen positions of ``top`` are counted
+    t["prev_hits"] += overlap_count(top.masked_fill(top < 0, -2), prev)
+    t["prev_total"] += ((top >= 0) & (prev >= 0).any(-1, keepdim=True)).sum()
 
 
 def _rank_rows(policy, site, st, qr, br, low, k_cols, pos_cols, scale):
