@@ -312,6 +312,35 @@ def fused_decode_kernel(
 
 
 @triton.jit
+def _group_mean_prob(
+    rx_ptr, rm_ptr, rl_ptr, lim_ptr, b, kv, offs, n_low, lo, NS,
+    stride_rxb, stride_rxh, stride_rmb, stride_rmh, stride_rms,
+    REP: tl.constexpr, SQ: tl.constexpr, RANK_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_LIMIT: tl.constexpr,
+):
+    # -> (prob, valid): the mean over the GQA group of each position's probability under its query head's softmax
+    # (the splits' statistics folded into one maximum and sum), and which of offs are positions to rank.
+    # Reads REP * (BLOCK_N + 2 * NS) fp32.
+    valid = offs < n_low
+    if HAS_LIMIT:
+        valid = valid & (offs + lo < tl.load(lim_ptr))
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = sp < NS
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for r in range(REP):
+        st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
+        m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
+        lsum = tl.load(rl_ptr + st, mask=s_mask, other=0.0)
+        m_all = tl.max(m, axis=0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.sum(lsum * tl.exp2(tl.where(m == float("-inf"), m_safe, m) - m_safe), axis=0)
+        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
+        x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
+        acc += tl.exp2(x - m_safe) * inv
+    return acc / REP, valid
+
+
+@triton.jit
 def rank_probs_kernel(
     rx_ptr, rm_ptr, rl_ptr, lim_ptr, prob_ptr,
     n_low, lo, NS,
@@ -330,25 +359,11 @@ def rank_probs_kernel(
     kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = offs < n_low
-    if HAS_LIMIT:
-        valid = valid & (offs + lo < tl.load(lim_ptr))
-    sp = tl.arange(0, BLOCK_S)
-    s_mask = sp < NS
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes BLOCK_N fp32.
-    for r in range(REP):
-        st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
-        m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
-        lsum = tl.load(rl_ptr + st, mask=s_mask, other=0.0)
-        m_all = tl.max(m, axis=0)
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.sum(lsum * tl.exp2(tl.where(m == float("-inf"), m_safe, m) - m_safe), axis=0)
-        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
-        x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
-        acc += tl.exp2(x - m_safe) * inv
-    tl.store(prob_ptr + b * stride_pb + kv * stride_ph + offs, tl.where(valid, acc / REP, 0.0),
-             mask=offs < n_low)
+    prob, valid = _group_mean_prob(rx_ptr, rm_ptr, rl_ptr, lim_ptr, b, kv, offs, n_low, lo, NS,
+                                   stride_rxb, stride_rxh, stride_rmb, stride_rmh, stride_rms,
+                                   REP, SQ, RANK_ROW, BLOCK_N, BLOCK_S, HAS_LIMIT)
+    # Writes BLOCK_N fp32.
+    tl.store(prob_ptr + b * stride_pb + kv * stride_ph + offs, tl.where(valid, prob, 0.0), mask=offs < n_low)
 
 
 @triton.jit
@@ -368,24 +383,10 @@ def rank_topk_kernel(
     kv = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = offs < n_low
-    if HAS_LIMIT:
-        valid = valid & (offs + lo < tl.load(lim_ptr))
-    sp = tl.arange(0, BLOCK_S)
-    s_mask = sp < NS
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    # Reads REP * (BLOCK_N + 2 * NS) fp32, writes 2 * K values.
-    for r in range(REP):
-        st = b * stride_rmb + kv * stride_rmh + sp * stride_rms + r * SQ + RANK_ROW
-        m = tl.load(rm_ptr + st, mask=s_mask, other=float("-inf"))
-        lsum = tl.load(rl_ptr + st, mask=s_mask, other=0.0)
-        m_all = tl.max(m, axis=0)
-        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.sum(lsum * tl.exp2(tl.where(m == float("-inf"), m_safe, m) - m_safe), axis=0)
-        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
-        x = tl.load(rx_ptr + b * stride_rxb + (kv * REP + r) * stride_rxh + offs, mask=valid, other=float("-inf"))
-        acc += tl.exp2(x - m_safe) * inv
-    prob = acc / REP
+    prob, valid = _group_mean_prob(rx_ptr, rm_ptr, rl_ptr, lim_ptr, b, kv, offs, n_low, lo, NS,
+                                   stride_rxb, stride_rxh, stride_rmb, stride_rmh, stride_rms,
+                                   REP, SQ, RANK_ROW, BLOCK_N, BLOCK_S, HAS_LIMIT)
+    # Writes 2 * K values.
     bits = prob.to(tl.int32, bitcast=True).to(tl.int64)  # >= 0: ordered like the probabilities
     key = tl.where(valid & (prob > 0), (bits << 32) | offs.to(tl.int64), -1)
     key = tl.sort(key, descending=True)
