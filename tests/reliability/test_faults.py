@@ -64,6 +64,40 @@ def _pinned_in_use() -> int:
     return int(stats["allocated_bytes.current"])
 
 
+def _fault_cycle(m, x, monkeypatch, alloc, after) -> None:
+    """A failed host allocation, a failed device allocation and a KeyboardInterrupt inside a step (the second layer
+    of the second decode step), each ending in its error, then specache.reset and ``after(where)``. ``alloc``: the
+    store's allocation the failing one falls back to, and the one left in place."""
+    runtime = specache.runtime_of(m)
+    real_attend = runtime.attend
+    for where in ("host", "device"):
+        def failing(self, capacity, where=where):
+            if capacity and ((self.dtype != torch.uint8) == (where == "host")):
+                raise torch.OutOfMemoryError("simulated: cannot allocate")
+            return alloc(self, capacity)
+
+        monkeypatch.setattr(buffers.Growable, "_alloc", failing)
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            m.generate(x, max_new_tokens=6)
+        monkeypatch.setattr(buffers.Growable, "_alloc", alloc)
+        specache.reset(m)
+        after(where)
+    calls = {"n": 0}
+
+    def interrupt(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_attend(*a)
+
+    monkeypatch.setattr(runtime, "attend", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(x, max_new_tokens=6)
+    monkeypatch.setattr(runtime, "attend", real_attend)
+    specache.reset(m)
+    after("interrupt")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned host memory)")
 @torch.no_grad()
@@ -75,34 +109,9 @@ def test_faults_leak_no_pinned_memory_cuda(monkeypatch):
     m = specache.compile(twin(ref), **ARGS)
     x = ids().cuda()
     want = ref.generate(x, max_new_tokens=6)
-    real_alloc, runtime = buffers.Growable._alloc, specache.runtime_of(m)
-    real_attend = runtime.attend
     levels = []
     for _ in range(4):
-        for where in ("host", "device"):
-            def failing(self, capacity, where=where):
-                if capacity and ((self.dtype != torch.uint8) == (where == "host")):
-                    raise torch.OutOfMemoryError("simulated: cannot allocate")
-                return real_alloc(self, capacity)
-
-            monkeypatch.setattr(buffers.Growable, "_alloc", failing)
-            with pytest.raises(torch.OutOfMemoryError, match="simulated"):
-                m.generate(x, max_new_tokens=6)
-            monkeypatch.setattr(buffers.Growable, "_alloc", real_alloc)
-            specache.reset(m)
-        calls = {"n": 0}
-
-        def interrupt(*a, calls=calls):
-            calls["n"] += 1
-            if calls["n"] == 5:  # the second layer of the second decode step
-                raise KeyboardInterrupt
-            return real_attend(*a)
-
-        monkeypatch.setattr(runtime, "attend", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            m.generate(x, max_new_tokens=6)
-        monkeypatch.setattr(runtime, "attend", real_attend)
-        specache.reset(m)
+        _fault_cycle(m, x, monkeypatch, buffers.Growable._alloc, lambda where: None)
         assert torch.equal(m.generate(x, max_new_tokens=6), want)
         specache.reset(m)
         levels.append(_pinned_in_use())
@@ -118,8 +127,7 @@ def test_faults_leave_no_store_buffer_alive(monkeypatch):
 
     ref = build("llama", seed=0)
     m = specache.compile(twin(ref), **ARGS)
-    real_alloc, runtime = buffers.Growable._alloc, specache.runtime_of(m)
-    real_attend = runtime.attend
+    real_alloc = buffers.Growable._alloc
     made = []
 
     def tracked(self, capacity):
@@ -131,33 +139,10 @@ def test_faults_leave_no_store_buffer_alive(monkeypatch):
         gc.collect()
         return sum(r() is not None for r in made)
 
-    for where in ("host", "device", "interrupt"):
-        if where == "interrupt":
-            calls = {"n": 0}
-
-            def interrupt(*a, calls=calls):
-                calls["n"] += 1
-                if calls["n"] == 5:
-                    raise KeyboardInterrupt
-                return real_attend(*a)
-
-            monkeypatch.setattr(buffers.Growable, "_alloc", tracked)
-            monkeypatch.setattr(runtime, "attend", interrupt)
-            with pytest.raises(KeyboardInterrupt):
-                m.generate(ids(), max_new_tokens=6)
-            monkeypatch.setattr(runtime, "attend", real_attend)
-        else:
-            def failing(self, capacity, where=where):
-                if capacity and ((self.dtype != torch.uint8) == (where == "host")):
-                    raise torch.OutOfMemoryError("simulated: cannot allocate")
-                return tracked(self, capacity)
-
-            monkeypatch.setattr(buffers.Growable, "_alloc", failing)
-            with pytest.raises(torch.OutOfMemoryError, match="simulated"):
-                m.generate(ids(), max_new_tokens=6)
-        specache.reset(m)
+    def none_alive(where):
         assert made and alive() == 0, (where, alive(), len(made))
-    monkeypatch.setattr(buffers.Growable, "_alloc", tracked)
+
+    _fault_cycle(m, ids(), monkeypatch, tracked, none_alive)
     m.generate(ids(), max_new_tokens=6)
     assert alive() > 0  # the check sees live buffers: a sequence's store is alive until reset
     specache.reset(m)
