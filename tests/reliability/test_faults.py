@@ -52,8 +52,8 @@ def test_failed_allocation_raises_then_reset_recovers(models, monkeypatch, where
 def _pinned_in_use() -> int:
     """Bytes of pinned host memory torch's caching host allocator holds from the driver (cudaHostAlloc'd, its cache
     for reuse included): a leaked store buffer cannot be reused, so every later sequence would allocate anew and this
-    would grow. Not ``active_bytes``: on the H200 (torch 2.11) it grew by 80 KiB every cycle while the blocks held
-    stayed at 5 (32 KiB) and none went back to the driver, so it does not measure what is in use."""
+    would grow. Not ``active_bytes``: torch's count grows across these cycles while the blocks the allocator holds
+    stay the same and none goes back to the driver, so it does not measure what is in use."""
     import gc
 
     gc.collect()
