@@ -12,7 +12,7 @@ fetch time. Methods:
 - ``full``: the model with a StaticCache on the GPU, decode compiled with torch.compile (default mode), prefill eager;
 - ``full-packed``: the same, with a decode step's GQA query heads packed as rows of their KV head for SDPA instead of
   transformers' ``repeat_kv`` of the cache (which makes SDPA read the KV ``Hq / Hkv`` times: 1467 vs 195 us a layer
-  at 128K in bench/kernels.py); its rows in bench/results/decode.jsonl are slower than ``full``'s;
+  at 128K in bench/kernel_bench.py); its rows in bench/results/decode.jsonl are slower than ``full``'s;
 - ``full-flash``: the same, with a decode step's SDPA over the written positions only (``K[:, :, :kv_len]``, no mask,
   ``enable_gqa``), so SDPA may take its flash kernel (kept off cuDNN: see the attention function below); its step
   is host-bound (an eager loop), its GPU time is the flash kernel's;

@@ -11,7 +11,7 @@
 #       decode_packed; kernels; static, tests: the GPU tests; accuracy, accuracy2: the accuracy grid in two calls;
 #     reliability: test_faults' pinned-memory fault cycles and a specache soak in 8 sequences (bench/soak.py);
 #     fused_tests: the fused decode kernel's GPU tests (tests/kernels/test_fused_decode.py) and the static path through
-#       it and the full-graph baseline's attention (tests/test_gpu.py); fused_kernels: bench/kernels.py --only-fused
+#       it and the full-graph baseline's attention (tests/test_gpu.py); fused_kernels: bench/kernel_bench.py --only-fused
 #       (fused_decode at 32K/128K x batch 1/8 x bits 2/1, the unfused ops beside it, a launch-shape sweep);
 #       graph_rows / graph_b8: full-graph, full-flash and specache-graph decode rows at 8K/32K/128K batch 1 / 32K batch 8
 #       (issue 18's comparison: one machine, one process per step); hf_generate: model.generate unmodified and after
@@ -44,16 +44,16 @@ for step in $steps; do
     tests)  # every other GPU test
       pytest_gpu gpu_tests 480 tests/ -k "not static and not graph" ;;
     kernels)
-      timeout 180 python bench/kernels.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
+      timeout 180 python bench/kernel_bench.py --rep 30 >"$OUT/kernels.log" 2>&1; echo "kernels: rc=$?" ;;
     fused_tests)
       pytest_gpu gpu_fused 240 tests/kernels/test_fused_decode.py tests/test_gpu.py -k "kernel_cuda or fused or capacity or static or graph" ;;
     fused_kernels)
-      timeout 200 python bench/kernels.py --only-fused --fused-sweep "" --rep 30 >"$OUT/kernels_fused.log" 2>&1
+      timeout 200 python bench/kernel_bench.py --only-fused --fused-sweep "" --rep 30 >"$OUT/kernels_fused.log" 2>&1
       echo "fused_kernels: rc=$?"; tail -30 "$OUT/kernels_fused.log"; kernel_rows=1
       # the launch-shape sweep at 32K batch 1, 2 bits: one shape a process (a fault ends only its own row), the
       # kernel launches synchronous so a fault names its kernel
       for shape in 32:4:2 64:8:2 64:4:3; do
-        CUDA_LAUNCH_BLOCKING=1 timeout 60 python bench/kernels.py --only-fused --sweep-only --fused-sweep "$shape" \
+        CUDA_LAUNCH_BLOCKING=1 timeout 60 python bench/kernel_bench.py --only-fused --sweep-only --fused-sweep "$shape" \
           --fused-contexts 32768 --fused-batches 1 --bits 2 --rep 30 >>"$OUT/kernels_sweep.log" 2>&1
         echo "sweep $shape: rc=$?"
       done ;;

@@ -28,15 +28,18 @@ class Bench:
 BENCHES: dict[str, Bench] = {
     "decode": Bench("bench.decode", "decode step time, tok/s and KV bytes per method and context (CPU: --tiny)",
                     needs_cuda=False),
-    "kernels": Bench("bench.kernels", "specache's GPU kernels against SDPA and the copy peaks (CUDA)", needs_cuda=True),
+    # bench/kernel_bench.py, not kernels.py: a script's folder comes first on sys.path, where a kernels.py would
+    # shadow the `kernels` package that transformers imports when it is installed
+    "kernels": Bench("bench.kernel_bench", "specache's GPU kernels against SDPA and the copy peaks (CUDA)",
+                     needs_cuda=True),
     "memory": Bench("bench.memory", "device memory around prefill, full cache and specache (CUDA)", needs_cuda=True),
 }
 
 
 def run(name: str, argv: list[str]) -> int:
-    """Run bench/<name>.py's main with ``argv``; ValueError (expected, got, fix) where it cannot run here."""
+    """Run the benchmark script's main with ``argv``; ValueError (expected, got, fix) where it cannot run here."""
     spec = BENCHES[name]
-    script = REPO / "bench" / f"{name}.py"
+    script = REPO / (spec.module.replace(".", "/") + ".py")
     if not script.is_file():
         raise ValueError(f"specache bench {name}: expected the benchmark script {script}, got no such file (the "
                          "scripts are in the repository, not in a wheel); fix: run from a clone installed with "

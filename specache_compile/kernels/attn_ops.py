@@ -637,7 +637,7 @@ def select_topk_reference(logits: torch.Tensor, extra: torch.Tensor, rep: int, k
 def select_topk(logits: torch.Tensor, extra: torch.Tensor, rep: int, k: int) -> torch.Tensor:
     """:func:`select_topk_reference`; on CUDA with Triton, two kernels and a small ``torch.topk`` over the blocks'
     candidates (kernels/triton/select.py). Ties go to the larger position there. The static decode path ranks with
-    it (policies/specache_static.py); the default path keeps the unfused selection until bench/kernels.py has
+    it (policies/specache_static.py); the default path keeps the unfused selection until bench/kernel_bench.py has
     measured the two side by side."""
     b, hq, s = logits.shape
     if not (HAS_TRITON and (logits.is_cuda or _interpreted())) or not 0 < k <= min(s, _SELECT_BLOCK_N) or hq % rep:

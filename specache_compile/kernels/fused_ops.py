@@ -39,22 +39,22 @@ _MAX_TOPK = 2048  # the largest top-k the kernel path takes (larger ones run the
 _PROB_BLOCK = 1024  # positions per program of the ranking probabilities
 # The ranking's top-k: from b * Hkv * n_low positions on, torch.topk over every position's probability (its
 # multi-block radix select); below, a bitonic sort per block of positions and torch.topk over the blocks' candidates.
-# Measured on the H200 (bench/kernels.py fused rows of both, Llama-3-8B shape, top-64): at 8 rows of 32K
+# Measured on the H200 (bench/kernel_bench.py fused rows of both, Llama-3-8B shape, top-64): at 8 rows of 32K
 # the block sort (11 us) and a single-block torch.topk over 8192 candidates (27 us) beat the multi-block select
 # (~26 us more in all: six short kernels); from 8 rows of 128K (90 + 27 us against ~55) and 64 rows of 32K up, the
 # select over every position wins, at 64 rows of 128K by 658 + 28 us against ~170.
 _PROB_TOPK_MIN = 1 << 19
 # Launch shape of the fused pass: tokens per key tile at most (a tile lies in one key group), warps, pipeline depth.
-# bench/kernels.py sweeps them (fused_decode[...] rows): at the Llama-3-8B shape on the H200, 64 / 4 / 3 is the
+# bench/kernel_bench.py sweeps them (fused_decode[...] rows): at the Llama-3-8B shape on the H200, 64 / 4 / 3 is the
 # fastest measured (32-token tiles are ~30% slower: the per-tile products and reductions weigh more per token).
 _TILE = 64
 _NUM_WARPS = 4
 _NUM_STAGES = 3
-_MAXNREG = None  # a register cap a thread (bench/kernels.py sweeps it; None: the compiler's choice)
+_MAXNREG = None  # a register cap a thread (bench/kernel_bench.py sweeps it; None: the compiler's choice)
 # Flash-decoding split over the keys: about _PROGRAMS_PER_SM low-bit programs per SM over the grid (the pass is
 # latency-bound: at ~200 registers a thread two 4-warp programs fit an SM, and more programs queued behind them keep
 # it busy through the short full-precision splits), each at least _MIN_TILES_PER_SPLIT tiles (a split's partial
-# output, REP*Sq*(Dv+2) fp32 written and merged, stays small next to what it reads). bench/kernels.py sweeps both.
+# output, REP*Sq*(Dv+2) fp32 written and merged, stays small next to what it reads). bench/kernel_bench.py sweeps both.
 _PROGRAMS_PER_SM = 4
 _MIN_TILES_PER_SPLIT = 4
 

@@ -1,8 +1,8 @@
 """Times specache's kernels on CUDA at one Llama-3-8B attention layer (Hq 32, Hkv 8, D 128, bf16), in one process.
 
-    python bench/kernels.py                                  # contexts 8K, 32K, 128K; bits 2 and 1; top-64
-    python bench/kernels.py --contexts 32768 --bits 2        # one point
-    python bench/kernels.py --only-fused                     # fused_decode at 32K/128K x batch 1/8, bits 2/1
+    python bench/kernel_bench.py                                  # contexts 8K, 32K, 128K; bits 2 and 1; top-64
+    python bench/kernel_bench.py --contexts 32768 --bits 2        # one point
+    python bench/kernel_bench.py --only-fused                     # fused_decode at 32K/128K x batch 1/8, bits 2/1
 
 Per context and bit width: lowbit_scores, top-k selection, lowbit_decode_attention, quantize_keys/values (over the
 whole context, as a prefill quantizes it), the top-k fetch from pinned host memory (zero-copy gather_rows, and the
@@ -419,7 +419,8 @@ def bench_fused(args, rec: Recorder, n: int, batch: int, bits: int, d2d: float, 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: needs a CUDA device (it times GPU kernels); run it on the lent GPU", file=sys.stderr)
+        print("bench/kernel_bench.py: needs a CUDA device (it times GPU kernels); run it on the lent GPU",
+              file=sys.stderr)
         return 2
     env = env_fields()
     rec = Recorder(args.topk)
