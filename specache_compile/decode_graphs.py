@@ -17,7 +17,8 @@ Which calls are replayed, and why they are safe:
 - **Proof by an eager call.** A key is captured only after an eager call with that key ran as a plain static decode
   step at every site it reached, without building state (the first step after a prefill builds it) and leaving the
   key unchanged. The call after that is captured and replayed; every later one is replayed.
-- **Checks before a replay.** The key again, and the cache tensors of every cache argument (a StaticCache's layers):
+- **Checks before a replay.** The key again, room for the step in every site's state (``StaticDecodeState.fits``:
+  else the eager call grows it), and the cache tensors of every cache argument (a StaticCache's layers):
   a beam-search ``reorder_cache`` or a copy replaces them, and the eager call then raises the store's
   ``CacheMismatch`` as it would without graphs. A write position that is not the next one (a cache rewound by hand)
   is flagged on the device by the captured step itself and raised by ``check_deferred`` (end of ``model.generate``,
@@ -26,7 +27,7 @@ Which calls are replayed, and why they are safe:
   loop that keeps the logits of several steps keeps what each step computed.
 
 Host-side counters (stored lengths, decode steps, fetched rows) advance per replay through
-``specache_static.replayed``, the same bookkeeping ``specache.generate(cuda_graph=True)`` uses.
+``StaticDecodeState.replayed`` (runtime/state.py), the same bookkeeping ``specache.generate(cuda_graph=True)`` uses.
 
 Off with ``Config.cuda_graphs=False``; never on CPU, under ``measure_error`` (its exact attention reads the host) or
 inside a capture already under way (``specache.generate(cuda_graph=True)`` captures its own speculative steps).
@@ -41,7 +42,6 @@ from typing import Any
 
 import torch
 
-from .policies import specache_static
 from .runtime.runtime import NORMAL
 
 log = logging.getLogger("specache")
@@ -72,7 +72,7 @@ class DecodeGraphs:
             return self.call(*args, **kwargs)
         key = self._key(args, kwargs)
         graph = self.graphs.get(key)
-        if graph is not None and graph.still_valid(args, kwargs):
+        if graph is not None and graph.still_valid(args, kwargs) and self._fits():
             self.replayed += 1
             return graph.replay(args, kwargs)
         if graph is None and key in self._safe:
@@ -87,6 +87,10 @@ class DecodeGraphs:
         if not torch.cuda.is_available():
             return not self.capture
         return not torch.cuda.is_current_stream_capturing()
+
+    def _fits(self) -> bool:
+        """Every site's static state has room for the next step (else the eager call grows it)."""
+        return all(s.tier["static"].fits(s) for s in self.runtime.sites.values() if "static" in s.tier)
 
     def _eager(self, key: tuple, args, kwargs):
         rt = self.runtime
@@ -241,7 +245,7 @@ class _Graph:
             return _fresh(self._rerun())
         self.graph.replay()
         for site in self.sites:
-            specache_static.replayed(site, 1)
+            site.tier["static"].replayed(site, 1)
         rt = self.owner.runtime
         rt.calls += self.calls
         rt.plain_static_steps += self.calls

@@ -368,9 +368,7 @@ def _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, n_ste
             on_step(i)
         i += 1
     replays_without_python = max(0, n_steps - warm - len(graphs))
-    from .policies import specache_static
-
     for site in runtime.sites.values():
         if "static" in site.tier:
-            specache_static.replayed(site, replays_without_python)
+            site.tier["static"].replayed(site, replays_without_python)
     return outs

@@ -45,8 +45,10 @@ import torch.nn.functional as F
 
 from ..kernels import ops
 from ..runtime.buffers import Growable
+from ..runtime.state import parse_static
 from .base import Policy, register_policy
 from .cake import window_attention
+from .kept_static import grown, snapkv_state
 from .streaming import kept_attention, no_more_options, pop_budget, pop_int, pop_shared, resolve_budget
 
 POOLINGS = ("avg", "max")
@@ -74,15 +76,18 @@ class SnapKVPolicy(Policy):
         if pooling not in POOLINGS:
             raise ValueError(f"snapkv policy: policy_options['pooling'] expected one of {list(POOLINGS)}, got "
                              f"{pooling!r}; fix: pass pooling='avg' (the official code's) or 'max'")
-        no_more_options(cls.name, opts, ["budget", "window", "kernel", "pooling"])
-        return cls(config, budget=budget, window=window, kernel=kernel, pooling=pooling)
+        static = opts.pop("static", "auto")
+        no_more_options(cls.name, opts, ["budget", "window", "kernel", "pooling", "static"])
+        policy = cls(config, budget=budget, window=window, kernel=kernel, pooling=pooling)
+        parse_static(policy, static, [])
+        return policy
 
     # -- state ------------------------------------------------------------------------------------------------------
     def reset(self, site):
         site.tier.clear()
-        self._alloc(site, 0)
+        self.alloc(site, 0)
 
-    def _alloc(self, site, capacity):
+    def alloc(self, site, capacity):
         t, b, h, dev = site.tier, site.batch, site.heads, site.device
         t["k"] = Growable((b, h), (site.head_dim,), site.dtype, dev, capacity=capacity)
         t["v"] = Growable((b, h), (site.v_head_dim,), site.dtype, dev, capacity=capacity)
@@ -126,7 +131,7 @@ class SnapKVPolicy(Policy):
         v_keep = view.v.gather(2, cols.unsqueeze(-1).expand(-1, -1, -1, view.v.shape[-1]))
         # Re-allocate at the budget (plus the decode tokens to come when max_seq_len says how many): the prompt-sized
         # buffers go, and the device tier reports what is kept.
-        self._alloc(site, cap + max(0, site.capacity - (view.start + sq)))
+        self.alloc(site, cap + max(0, site.capacity - (view.start + sq)))
         t = site.tier
         t["k"].append(k_keep)
         t["v"].append(v_keep)
@@ -137,7 +142,15 @@ class SnapKVPolicy(Policy):
         t = site.tier
         return kept_attention(q, t["k"].view(), t["v"].view(), t["pos"].view(), bias, lo, hi, scale)
 
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        # the kept rows at the capacity the cache can reach, written by the device position (policies/kept_static.py)
+        if "static" not in site.tier:
+            site.tier["static"] = snapkv_state(self, site, bias.shape[-1])
+        elif not site.tier["static"].fits(site):
+            site.tier["static"] = grown(site, site.tier["static"])
+        return site.tier["static"].step(q, k_new, v_new, pos, bias, scale)
+
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "window": self.window, "kernel": self.kernel,
-                "pooling": self.pooling}
+                "pooling": self.pooling, "static": self.static}
 

@@ -53,6 +53,7 @@ from ..kernels import ops
 from ..kernels.attn_ops import select_topk
 from ..kernels.fused_ops import fused_decode_supported
 from ..kernels.quant_ops import gather_rows_static, quantize_group_static, scatter_rows_static
+from ..runtime import state
 from ..runtime.streams import overlap_count
 
 _NEG = float("-inf")
@@ -62,15 +63,9 @@ FUSED = "auto"
 
 
 def parse_static(policy, value) -> None:
-    """``policy_options['static']`` of a policy with this path: True requires it (the options are checked now),
-    "auto" takes it where the options allow it, False never. Sets ``policy.static`` and ``policy.static_required``."""
-    if value not in (True, False, "auto") or isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(f"{policy.name} policy: policy_options['static'] expected True, False or 'auto', got "
-                         f"{value!r}")
-    policy.static_required = value is True
-    if policy.static_required:
-        check_options(policy)
-    policy.static = value is True or (value == "auto" and not problems(policy))
+    """``policy_options['static']`` of SpeCache or quant (runtime/state.py ``parse_static``, with this path's
+    ``problems``)."""
+    state.parse_static(policy, value, problems(policy))
 
 
 def check_options(policy) -> None:
@@ -139,11 +134,13 @@ def _shared(site, key, make):
     return make() if sh is None else sh.get(key, make)
 
 
-class StaticState:
+class StaticState(state.StaticDecodeState):
     """One site's fixed-capacity decode state (see the module docstring). Tensors live in ``site.tier`` under ``s_*``
-    names, so the device-tier byte count sees them."""
+    names, so the device-tier byte count sees them; ``cur`` is the prefetch slot this step reads (two graphs, one per
+    parity, capture both)."""
 
     def __init__(self, policy, site, capacity: int) -> None:
+        super().__init__(site.device)
         t = site.tier
         g, w = policy.group, policy.window
         b, h, d, dv = site.batch, site.heads, site.head_dim, site.v_head_dim
@@ -153,7 +150,6 @@ class StaticState:
         self.ring = w + g
         # a top-k over C columns picks at most C; 0 for a policy that fetches nothing (quant: the copy and the ring)
         self.topk = min(policy.topk_of(site), capacity) if policy.topk else 0
-        self.cur = 0  # the prefetch slot this step reads (host-side: two graphs, one per parity, would capture both)
         self.issued = [False, False]  # a fetch was launched into that slot
         self.step = None  # (rows stored, speculative, rows fetched, bytes fetched) of the last step: see replayed()
         self.events: list = []
@@ -186,7 +182,7 @@ class StaticState:
             t.pop(name)  # the dynamic buffers: the static ones replace them for the rest of the sequence
         t["s_nq"] = torch.tensor(nq, dtype=torch.int64, **z)
         t["s_n"] = torch.tensor(n, dtype=torch.int64, **z)
-        t["s_bad"] = torch.zeros((), dtype=torch.bool, **z)  # a write position was not the next one
+        t["s_bad"] = self.bad  # a write position was not the next one
         # previous-query hit counters (_sample_previous) on the device: what the default path counted before is kept
         t["prev_hits"] = torch.zeros((), dtype=torch.int64, **z) + t.get("prev_hits", 0)
         t["prev_total"] = torch.zeros((), dtype=torch.int64, **z) + t.get("prev_total", 0)
@@ -210,23 +206,21 @@ class StaticState:
             raise RuntimeError(f"specache: site {site.name}: the static decode path writes the host store from the "
                                "GPU, which needs it pinned (Config.kv_home='host' on CUDA pins it)")
 
-
-def replayed(site, steps: int) -> None:
-    """Host-side bookkeeping for ``steps`` decode steps a CUDA graph replayed without running Python: each repeats
-    the last step this code ran (same kind, same sizes)."""
-    st: StaticState = site.tier["static"]
-    if st.step is None or steps <= 0:
-        return
-    n_real, speculating, rows, nbytes = st.step
-    site.count_static_steps(n_real, speculating, steps)
-    site.stats.fetched_rows += rows * steps
-    site.stats.fetched_bytes += nbytes * steps
-    pf = site.tier["prefetch"]
-    if speculating:
-        pf.stats.issued += steps
-        pf.stats.consumed += steps
-    if speculating and steps % 2:  # a speculative step fetches into the other slot; a plain step reads its own
-        st.cur ^= 1
+    def replayed(self, site, steps: int) -> None:
+        """Host-side bookkeeping for ``steps`` decode steps a CUDA graph replayed without running Python: each repeats
+        the last step this code ran (same kind, same sizes)."""
+        if self.step is None or steps <= 0:
+            return
+        n_real, speculating, rows, nbytes = self.step
+        site.count_static_steps(n_real, speculating, steps)
+        site.stats.fetched_rows += rows * steps
+        site.stats.fetched_bytes += nbytes * steps
+        pf = site.tier["prefetch"]
+        if speculating:
+            pf.stats.issued += steps
+            pf.stats.consumed += steps
+        if speculating and steps % 2:  # a speculative step fetches into the other slot; a plain step reads its own
+            self.cur ^= 1
 
 
 def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):

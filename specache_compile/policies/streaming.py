@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ..kernels import ops
+from ..runtime.state import parse_static
 from .base import Policy, register_policy
 
 DEFAULT_BUDGET = 2048
@@ -148,11 +149,14 @@ class StreamingPolicy(Policy):
         opts = dict(config.policy_options)
         sinks = pop_shared(cls.name, opts, config, "sinks", 4, 0, "pass sinks=4 (the paper's) or another int >= 0")
         budget = pop_budget(cls.name, opts)
-        no_more_options(cls.name, opts, ["sinks", "budget"])
+        static = opts.pop("static", "auto")
+        no_more_options(cls.name, opts, ["sinks", "budget", "static"])
         if isinstance(budget, int) and budget <= sinks:
             raise ValueError(f"streaming policy: policy_options['budget'] expected more than sinks={sinks} tokens "
                              f"(room for the recent window), got {budget}; fix: raise budget or lower sinks")
-        return cls(config, sinks=sinks, budget=budget)
+        policy = cls(config, sinks=sinks, budget=budget)
+        parse_static(policy, static, [])
+        return policy
 
     def append(self, site, k, v, start):
         # k, v: [B, Hkv, Sn, D] on the device, store positions [start, start + Sn).
@@ -185,5 +189,13 @@ class StreamingPolicy(Policy):
         t = site.tier
         return kept_attention(q, t["k"], t["v"], t["pos"].view(1, 1, -1), bias, lo, hi, scale)
 
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        # the ring stepped in place by the device position (policies/kept_static.py, which imports this module)
+        from .kept_static import streaming_state
+
+        if "static" not in site.tier:
+            site.tier["static"] = streaming_state(self, site)
+        return site.tier["static"].step(q, k_new, v_new, pos, bias, scale)
+
     def describe(self):
-        return {"policy": self.name, "sinks": self.sinks, "budget": self.budget}
+        return {"policy": self.name, "sinks": self.sinks, "budget": self.budget, "static": self.static}

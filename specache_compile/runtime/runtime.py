@@ -325,7 +325,7 @@ class Runtime:
             # CUDA graph replay runs no Python, and generate refuses cuda_graph with measure_error)
             n = site.length
             self._measure(site, q[:, :, :n_real], bias[..., :n_real, :n], 0, n, scale, out[:, :, :n_real])
-        self._pos_bad = site.tier["s_bad"]  # persistent: check_deferred reads and clears it
+        self._pos_bad = site.tier["static"].bad  # persistent: check_deferred reads and clears it
         self._pos_site = (site.name, site.length)
         return out
 
@@ -506,17 +506,21 @@ class Runtime:
 
     def check_deferred(self) -> None:
         """Raise if a decode step wrote its cache somewhere else than the next position (checked on the device)."""
-        if self._pos_bad is None:
+        # the static path's flags are persistent device tensors its steps raise, replayed graph steps included (which
+        # run no Python, so they leave no deferred check of their own): folded in every time, on the device (one host
+        # read for all), then cleared
+        flagged = [(name, site.tier["static"].bad) for name, site in self.sites.items() if "static" in site.tier]
+        if self._pos_bad is None and not flagged:
             return
-        bad, (name, start) = self._pos_bad, self._pos_site
+        if self._pos_bad is None:
+            bad, name, start = flagged[0][1], flagged[0][0], "the last check"
+        else:
+            bad, (name, start) = self._pos_bad, self._pos_site
         self._pos_bad = None
-        # the static path's flags are persistent device tensors: folded in on the device (one host read for all),
-        # then cleared
-        flags = [site.tier["s_bad"] for site in self.sites.values() if "s_bad" in site.tier]
-        for flag in flags:
+        for _, flag in flagged:
             bad = bad | flag
         failed = bool(bad)
-        for flag in flags:
+        for _, flag in flagged:
             flag.zero_()
         if failed:
             raise CacheMismatch(

@@ -15,6 +15,7 @@ import torch
 
 from ..kernels import ops
 from .buffers import Growable
+from .state import StaticDecodeState
 from .streams import Streams
 
 
@@ -172,7 +173,7 @@ class Site:
 
 
 def _nbytes(x: Any) -> int:
-    if isinstance(x, Growable):
+    if isinstance(x, (Growable, StaticDecodeState)):
         return x.nbytes
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()

@@ -155,9 +155,17 @@ def test_small_budget_evicts_and_bounds_device_bytes():
     got, want, st = helpers.gptfast_vs_unmodified("snapkv", policy_options={"budget": budget, "window": 4},
                                           max_seq_len=g["prefill"] + g["steps"])
     helpers.assert_evicted(got, want)
-    kept = budget + g["steps"]  # the budget after the prompt, then every new token
-    # K, V and an int64 position per kept token per KV head, per layer (max_seq_len: allocated once, exactly)
-    assert st["bytes"]["device"] == helpers.gptfast_kv_bytes(kept) + g["layers"] * g["batch"] * g["heads"][1] * kept * 8
+    # the budget after the prompt, then the static decode path's slots for the tokens to come (the module writes its
+    # cache by position): 16 at least, more than the 6 steps
+    kept = budget + 16
+    # K, V and an int64 position per kept row per KV head, per layer, and the static path's token counter (an int64)
+    assert st["bytes"]["device"] == (helpers.gptfast_kv_bytes(kept) + g["layers"] * g["batch"] * g["heads"][1] * kept
+                                     * 8 + g["layers"] * 8)
+    static = helpers.gptfast_vs_unmodified("snapkv", policy_options={"budget": budget, "window": 4, "static": False},
+                                           max_seq_len=g["prefill"] + g["steps"])[2]
+    # the default path (grown by one row a step, max_seq_len: allocated once, exactly): the budget and the new tokens
+    assert static["bytes"]["device"] == (helpers.gptfast_kv_bytes(budget + g["steps"]) + g["layers"] * g["batch"]
+                                         * g["heads"][1] * (budget + g["steps"]) * 8)
     assert st["bytes"]["device"] < helpers.gptfast_kv_bytes(g["prefill"] + g["steps"]) and st["bytes"]["host"] == 0
     for s in st["store"].values():
         assert s["length"] == g["prefill"] + g["steps"]

@@ -217,6 +217,7 @@ def test_small_budget_evicts_and_bounds_device_bytes():
     got, want, st = gptfast_vs_unmodified("streaming", policy_options={"budget": budget, "sinks": 2})
     assert_evicted(got, want)
     g = GPTFAST
-    # K, V of budget tokens per KV head + one int64 position per slot, per layer: nothing grows while decoding
-    assert st["bytes"]["device"] == gptfast_kv_bytes(budget) + g["layers"] * budget * 8
+    # K, V of budget tokens per KV head + one int64 position per slot, per layer, and the static decode path's token
+    # counter (an int64 per layer: the module writes its cache by position): nothing grows while decoding
+    assert st["bytes"]["device"] == gptfast_kv_bytes(budget) + g["layers"] * budget * 8 + g["layers"] * 8
     assert st["bytes"]["device"] < gptfast_kv_bytes(g["prefill"] + g["steps"]) and st["bytes"]["host"] == 0
