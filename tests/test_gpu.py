@@ -196,6 +196,25 @@ def test_cuda_quant_static_path_replays_and_equals_its_default_path():
     assert specache.stats(m)["cuda_graphs"]["replayed"] == 40 - 1 - 3
 
 
+@pytest.mark.parametrize("policy, opts", [("streaming", {"budget": 256}), ("snapkv", {"budget": 256})])
+def test_cuda_eviction_policy_replays_and_equals_its_default_path(policy, opts):
+    """StreamingLLM and SnapKV under specache.compile + model.generate: their static path (policies/kept_static.py,
+    the default where the cache is a StaticCache) replayed as CUDA graphs gives the tokens of the default path
+    (static=False, a DynamicCache), float32, over prompts longer than the budget (SnapKV's slots grow once)."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    outs = []
+    for static in (False, "auto"):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, policy=policy, inner="inductor", policy_options={**opts, "static": static})
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    g = specache.stats(m)["cuda_graphs"]
+    assert g["replayed"] >= 100 - 1 - 3 * g["captured"] and g["captured"] >= 1, g
+
+
 def test_cuda_replayed_steps_have_no_host_sync():
     """A replayed step (input copies, the graph, the bookkeeping, the fresh outputs) never waits for the GPU."""
     base = _bigger(torch.bfloat16)
