@@ -215,8 +215,8 @@ class StaticState(state.StaticDecodeState):
         site.count_static_steps(n_real, speculating, steps)
         site.stats.fetched_rows += rows * steps
         site.stats.fetched_bytes += nbytes * steps
-        pf = site.tier["prefetch"]
-        if speculating:
+        if speculating:  # (quant's static path fetches nothing and has no prefetch slots)
+            pf = site.tier["prefetch"]
             pf.stats.issued += steps
             pf.stats.consumed += steps
         if speculating and steps % 2:  # a speculative step fetches into the other slot; a plain step reads its own
