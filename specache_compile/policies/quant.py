@@ -19,8 +19,9 @@ sinks and window as the substituted columns and no fetched row.
 Hyperparameters are Config fields: ``bits`` (2 or 4 for KIVI; 1 also runs, with SpeCache's quarter-point 1-bit
 quantizer), ``group_size`` (default 64) and ``window`` (the residual, default 64): SpeCache §4.1's KIVI setting, so
 ``quant`` is SpeCache without the host copy at equal device bytes. ``sinks`` (default 0, KIVI keeps none) keeps the
-first tokens in full precision as in SpeCache. ``policy_options={"static": True}`` (or ``"auto"``) decodes through
-SpeCache's static path without the fetch (fixed-capacity state, CUDA graphs under ``model.generate``).
+first tokens in full precision as in SpeCache. ``policy_options={"static": "auto"}`` (the default; True requires it)
+decodes index-mode caches through SpeCache's static path without the fetch (fixed-capacity state, CUDA graphs under
+``model.generate``).
 
 The state and its update are SpeCache's exactly (this class inherits ``append``): a partial group is never quantized
 and appending a token never re-quantizes the past. ``uses_store = False``: the runtime writes nothing to the host.
@@ -54,14 +55,14 @@ class QuantPolicy(SpeCachePolicy):
         # what SpeCache's static path reads of its options: every token outside the window attends through the copy
         self.lowbit_remainder, self.miss_rule = True, "lowbit"
         opts = dict(config.policy_options)
-        static = opts.pop("static", False)
+        static = opts.pop("static", "auto")
         if opts:
             raise ValueError(f"quant policy: unknown policy_options {sorted(opts)}; expected at most 'static' "
                              "(bits, group_size, window and sinks are Config fields); fix: pass them as keywords, "
                              "e.g. specache.compile(model, policy='quant', bits=4, window=128)")
         # SpeCache's static path without the fetch (policies/specache_static.py): fixed-capacity copy and ring,
-        # lengths on the device, so model.generate's steps replay as CUDA graphs. Off by default until its GPU run:
-        # True requires it, "auto" takes it where the cache is written by position and the options allow it
+        # lengths on the device, so model.generate's steps replay as CUDA graphs. "auto" (the default) takes it where
+        # the cache is written by position and the options allow it, True requires it, False never
         from . import specache_static
 
         specache_static.parse_static(self, static)

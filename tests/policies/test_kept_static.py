@@ -121,3 +121,26 @@ def test_static_option_is_checked():
         m = specache.compile(hf_models.twin(base), policy=policy, policy_options={**opts, "static": False})
         assert not specache.runtime_of(m).policy.static
         assert specache.runtime_of(m).policy.describe()["static"] is False
+
+
+@pytest.mark.parametrize("shared_pos", [True, False])
+def test_sdpa_over_the_slots_equals_the_reference_attention(shared_pos):
+    """The CUDA step's SDPA attention (kept_static._sdpa_over_slots) computes kept_attention: the bias over the
+    capacity read at each slot's position, empty slots (-1) masked, GQA groups sharing their KV head."""
+    from specache_compile.policies.kept_static import _sdpa_over_slots
+    from specache_compile.policies.streaming import kept_attention
+
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, n, d, cap = 2, 8, 2, 24, 16, 64
+    q = torch.randn(b, hq, 1, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    shape = (1, 1, n) if shared_pos else (b, hkv, n)
+    pos = torch.randperm(cap, generator=g)[: n].expand(*shape[:2], n).clone() if shared_pos else \
+        torch.stack([torch.stack([torch.randperm(cap, generator=g)[:n] for _ in range(hkv)]) for _ in range(b)])
+    pos[..., ::5] = -1  # empty slots
+    bias = torch.zeros(b, 1, 1, cap, dtype=torch.float64).masked_fill_(torch.rand(b, 1, 1, cap, generator=g) < 0.2,
+                                                                        float("-inf"))
+    bias[..., pos[..., 1].reshape(-1)] = 0.0  # every row keeps a visible slot
+    got = _sdpa_over_slots(q, k, v, pos, bias, 0.25)
+    want = kept_attention(q, k, v, pos, bias, 0, cap, 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
