@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import specache  # noqa: E402
 from bench.common import RESULTS, env_fields, write_rows  # noqa: E402
 from specache_compile.evals.harness import parse_policy, prefetch_hit_rate  # noqa: E402
+from specache_compile.generate import cache_keyword  # noqa: E402
 from specache_compile.runtime.streams import FetchTimer  # noqa: E402
 
 
@@ -282,10 +283,11 @@ def top_kernels(events, steps: int, n: int = 8) -> list[dict]:
 def prefill(forward, ids, cache, chunk) -> torch.Tensor:
     """The prompt in chunks of ``chunk`` tokens; returns the greedy next token [B, 1]."""
     out = None
+    kw = {cache_keyword(forward.__self__): cache}  # (transformers renames past_key_values to cache)
     for a in range(0, ids.shape[1], chunk):
         e = min(ids.shape[1], a + chunk)
-        out = forward(input_ids=ids[:, a:e], past_key_values=cache, use_cache=True,
-                      cache_position=torch.arange(a, e, device=ids.device), logits_to_keep=1)
+        out = forward(input_ids=ids[:, a:e], use_cache=True, cache_position=torch.arange(a, e, device=ids.device),
+                      logits_to_keep=1, **kw)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -294,10 +296,11 @@ def greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on_step,
     calls also get ``kv_len``, the positions written after the step's token (``full-flash``'s attention reads it)."""
     s, dev = ids.shape[1], ids.device
     tok = prefill(forward_prefill, ids, cache, chunk)
+    kw = {cache_keyword(forward_prefill.__self__): cache}
     for i in range(n_steps - 1):
         extra = {"kv_len": s + i + 1} if pass_kv_len else {}
-        out = forward_decode(input_ids=tok, past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([s + i], device=dev), logits_to_keep=1, **extra)
+        out = forward_decode(input_ids=tok, use_cache=True, cache_position=torch.tensor([s + i], device=dev),
+                             logits_to_keep=1, **kw, **extra)
         tok = out.logits[:, -1:].argmax(-1)
         on_step(i)
     return tok
@@ -311,10 +314,11 @@ def graph_greedy(forward_prefill, forward_decode, ids, cache, n_steps, chunk, on
     tok = prefill(forward_prefill, ids, cache, chunk)
     pos = torch.tensor([s], device=dev)
     kv_len = pos + 1
+    kw = {cache_keyword(forward_prefill.__self__): cache}
 
     def step():
-        return forward_decode(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
-                              logits_to_keep=1, kv_len_t=kv_len)
+        return forward_decode(input_ids=tok, use_cache=True, cache_position=pos, logits_to_keep=1, kv_len_t=kv_len,
+                              **kw)
 
     graph = None
     if dev.type == "cuda":

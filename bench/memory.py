@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import env_fields, write_rows  # noqa: E402
+from specache_compile.generate import cache_keyword  # noqa: E402
 
 
 def llama_config(args):
@@ -38,23 +39,23 @@ def run(model, ids, steps, cache):
     before = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     after = torch.cuda.memory_allocated()
     peak = torch.cuda.max_memory_allocated()
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values  # (the field is renamed with the argument)
     tok = out.logits[:, -1:].argmax(-1)
     times = []
     with torch.no_grad():
         for _ in range(steps):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, use_cache=True, **{cache_keyword(model): cache})
             tok = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            cache = out.past_key_values
+            cache = getattr(out, "cache", None) or out.past_key_values  # (the field is renamed with the argument)
     model_cache_device = sum(
         t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values)
         if isinstance(t, torch.Tensor) and t.device.type == dev.type
