@@ -343,3 +343,31 @@ def test_cuda_capacity_attention_equals_sdpa_over_the_written_rows():
     from bench.decode import check_capacity_attention
 
     assert check_capacity_attention(torch.device("cuda"), torch.bfloat16) < 1e-2
+
+
+@pytest.mark.parametrize("topk", [32, 1024])
+def test_cuda_kcache_replays_and_equals_its_default_path(topk):
+    """KCache under specache.compile + model.generate: its static path (policies/kcache_static.py, the default where
+    the cache is a StaticCache: K at the capacity, V written to the pinned store and fetched by device index) replayed
+    as CUDA graphs gives the tokens of the default path (static=False, a DynamicCache), float32, with a top-N below
+    the 700..800 written positions (the selection matters) and one covering the cache's 1024."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+
+    def run(static):
+        torch._dynamo.reset()
+        m = specache.compile(twin(base), policy="kcache", topk=topk, inner="inductor",
+                             policy_options={"static": static})
+        with torch.no_grad():
+            return m, m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100)
+
+    (_, ref), (m, out) = run(False), run("auto")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    st = specache.stats(m)
+    g = st["cuda_graphs"]
+    assert g["captured"] == 1 and g["replayed"] == 100 - 1 - 3, g  # build, prove, capture, then replays
+    site = next(iter(specache.runtime_of(m).sites.values()))
+    assert "static" in site.tier and site.v.data.is_pinned()
+    n = site.tier["static"].topn
+    for s in st["store"].values():  # the replayed steps counted as the ones run from Python
+        assert s["length"] == 700 + 99 and s["decode_steps"] == 99 and s["fetched_rows"] == 99 * 2 * 2 * n, s

@@ -23,8 +23,13 @@ Choices the paper (as far as it could be read) leaves open, made here:
 - No value stays on the device (no recent window): the paper moves every V row to the host, and the device tier is
   then K plus the N-row fetch buffer, ≈ half the full cache.
 - Prefill is exact (the runtime's); sliding-window layers and padding come in through [lo, hi) and the bias.
+- ``policy_options["static"]`` ("auto" by default, True, False): a StaticCache (what ``model.generate`` after
+  ``specache.compile`` decodes into) is decoded through fixed-shape state, positions on the device
+  (policies/kcache_static.py), so its one-token steps replay as CUDA graphs (decode_graphs.py). The same attention
+  as below: K at the cache's capacity, the top-N over every written column.
 
-Device state (``site.tier``): K ``[B, Hkv, S, D]`` (appended every step) and the fetch buffer ``[B, Hkv, N, Dv]``.
+Device state (``site.tier``): K ``[B, Hkv, S, D]`` (appended every step) and the fetch buffer ``[B, Hkv, N, Dv]``;
+on the static path, ``site.tier["static"]`` instead (the same two at the cache's capacity, and a token counter).
 Decode has no host sync on CUDA (the top-N stays on the device; the gather reads pinned host memory).
 """
 
@@ -34,8 +39,10 @@ import torch
 
 from ..kernels import ops
 from ..runtime.buffers import Growable
+from ..runtime.state import parse_static
 from .base import Policy, register_policy
 from .cake import _safe_softmax
+from .kcache_static import KCacheState, renormalized
 
 
 @register_policy
@@ -61,10 +68,13 @@ class KCachePolicy(Policy):
         if not isinstance(renormalize, bool):
             raise ValueError(f"kcache policy: policy_options['renormalize'] expected True or False, got "
                              f"{renormalize!r}; fix: pass renormalize=True (the default) or False")
+        static = opts.pop("static", "auto")
         if opts:
             raise ValueError(f"kcache policy: unknown policy_options {sorted(opts)}; expected some of "
-                             "['renormalize']; fix: remove them (N is Config.topk)")
-        return cls(config, renormalize=renormalize)
+                             "['renormalize', 'static']; fix: remove them (N is Config.topk)")
+        policy = cls(config, renormalize=renormalize)
+        parse_static(policy, static, [])  # every option of this policy has a static path
+        return policy
 
     def reset(self, site):
         site.tier.clear()
@@ -93,10 +103,15 @@ class KCachePolicy(Policy):
         _, v = site.fetch(rel + lo, None, t["fetch_v"], keys=False)  # [B, Hkv, N', Dv] on the device
         w = p.gather(3, rel.repeat_interleave(rep, dim=1).unsqueeze(2).expand(b, hq, sq, rel.shape[-1]))
         if self.renormalize:
-            mass = w.sum(dim=-1, keepdim=True)
-            w = w / torch.where(mass > 0, mass, torch.ones_like(mass))
+            w = renormalized(w)
         out = w.reshape(b, hkv, rep * sq, -1) @ v.float()  # [B, Hkv, rep*Sq, Dv]
         return out.reshape(b, hq, sq, v.shape[-1]).to(q.dtype)
 
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        # K at the cache's capacity, V fetched by device index (policies/kcache_static.py); built at the first step
+        if "static" not in site.tier:
+            site.tier["static"] = KCacheState(self, site, bias.shape[-1])
+        return site.tier["static"].step(site, q, k_new, v_new, pos, bias, scale)
+
     def describe(self):
-        return {"policy": self.name, "topn": self.topn, "renormalize": self.renormalize}
+        return {"policy": self.name, "topn": self.topn, "renormalize": self.renormalize, "static": self.static}
