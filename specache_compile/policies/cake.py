@@ -29,7 +29,9 @@ Hyperparameters (``Config.policy_options``): ``budget`` C (default 1024, the cod
 tokens kept per layer per KV head, window included; or a float in (0, 1]: C = ceil(budget · S). ``window`` S_w
 (32), ``gamma`` γ (200.0), ``tau1``/``tau2`` (1.0, 1.0: the code's fallback when its per-model table
 ``model2tau.json`` has no entry; the paper tunes them per model and budget), ``kernel`` (5, the pooling width),
-``decode_evict`` (True: the code's decode rule; False keeps every generated token, as SnapKV/PyramidKV do).
+``decode_evict`` (True: the code's decode rule; False keeps every generated token, as SnapKV/PyramidKV do),
+``static`` ("auto": decode a StaticCache through fixed-shape rows, policies/cake_static.py; True: require that path;
+False: never).
 
 Choices made where the paper and code are silent or do not fit this runtime:
 
@@ -57,6 +59,12 @@ Choices made where the paper and code are silent or do not fit this runtime:
 
 Host syncs: one per layer at prefill (P_l to the host for the allocation). Decode reads no device value on the host:
 row counts are host integers, and the eviction is a device top-k and gather.
+
+Static decode path (``static``, policies/cake_static.py): where the cache writes by position (a StaticCache, as
+``model.generate`` gets after specache.compile, or a gpt-fast-style module), each site's rows get a fixed number of
+slots at its first decode step (B_l + S_w + 1 with ``decode_evict``), the row count is a device counter, and the
+decode rule is computed on those fixed shapes and applied by a device condition: the same rows and tokens as the
+default path, with no host sync and no shape that changes, so decode_graphs.py replays the steps as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
+from ..runtime.state import parse_static
 from .base import Policy, register_policy
 
 log = logging.getLogger("specache")
@@ -261,6 +270,7 @@ class CakeOptions:
     tau2: float = 1.0
     kernel: int = 5
     decode_evict: bool = True
+    static: bool | str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str, fix: str) -> ValueError:
@@ -296,6 +306,9 @@ class CakeOptions:
             raise bad("kernel", "an odd int >= 1", "kernel=5 (the code's avg_pool1d width)")
         if not isinstance(self.decode_evict, bool):
             raise bad("decode_evict", "True or False", "decode_evict=True (the code's per-step eviction)")
+        if not isinstance(self.static, (bool, str)) or self.static not in (True, False, "auto"):
+            raise bad("static", "True, False or 'auto'", "static='auto' (the default: the fixed-shape decode path "
+                      "where the cache writes by position) or True / False")
 
     @classmethod
     def parse(cls, opts: dict[str, Any]) -> CakeOptions:
@@ -320,7 +333,8 @@ class CakeOptions:
 class CakePolicy(Policy):
     """CAKE (see the module docstring). Device state per site (``site.tier``): ``k``, ``v`` [B, Hkv, cap, D] the kept
     rows in ascending position order (first ``n`` used), ``pos`` [B, Hkv, cap] their store positions, and until the
-    prefill's budgets are final ``ind`` [B, Hkv, np] the indicator of the ``np`` kept prefix rows."""
+    prefill's budgets are final ``ind`` [B, Hkv, np] the indicator of the ``np`` kept prefix rows. On the static path
+    ``static`` (cake_static.CakeRows) takes k, v and pos over at the site's first decode step."""
 
     name = "cake"
     uses_store = False
@@ -328,6 +342,7 @@ class CakePolicy(Policy):
     def __init__(self, config):
         super().__init__(config)
         self.options = CakeOptions.parse(dict(config.policy_options))
+        parse_static(self, self.options.static, [])
         self.layers: int | None = None  # attention sites per forward: learnt from the first sequence
         self._seq: list = []  # sites prefilled in this sequence, in order
         self._names: set[str] = set()
@@ -481,19 +496,36 @@ class CakePolicy(Policy):
         t["pos"][:, :, :keep].copy_(t["pos"][:, :, :n].gather(2, rows))
         t["n"] = keep
 
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        # the kept rows at a fixed number of slots, written by the device position (policies/cake_static.py, which
+        # imports this module)
+        from .cake_static import cake_state, grown
+
+        if self._pending:
+            self._finalise()
+        self._decoding = True
+        t = site.tier
+        if "static" not in t:
+            t["static"] = cake_state(self, site, bias.shape[-1])
+        elif not t["static"].fits(site):
+            t["static"] = grown(site, t["static"])
+        return t["static"].step(q, k_new, v_new, pos, bias, scale)
+
     # -- reporting ----------------------------------------------------------------------------------------------------
     def site_report(self, site):
         t = site.tier
         if "n" not in t:
             return {}
-        return {"cake_budget": t["budget"], "cake_window": t["sw"], "cake_kept": t["n"], "cake_pref": t["pref"]}
+        # NOTE: a host read of the static state's row count (reporting only)
+        kept = int(t["static"].used) if "static" in t else t["n"]
+        return {"cake_budget": t["budget"], "cake_window": t["sw"], "cake_kept": kept, "cake_pref": t["pref"]}
 
     def budgets(self) -> dict[str, int]:
         """Per-site non-window budget B_l of the current sequence (final after its first decode step)."""
         return {s.name: s.tier["budget"] for s in self._seq if "budget" in s.tier}
 
     def describe(self):
-        return {"policy": self.name, **asdict(self.options)}
+        return {"policy": self.name, **asdict(self.options), "static": self.static}
 
 
 def _gather_rows(t: dict, rows: torch.Tensor) -> None:
