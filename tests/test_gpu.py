@@ -371,3 +371,29 @@ def test_cuda_kcache_replays_and_equals_its_default_path(topk):
     n = site.tier["static"].topn
     for s in st["store"].values():  # the replayed steps counted as the ones run from Python
         assert s["length"] == 700 + 99 and s["decode_steps"] == 99 and s["fetched_rows"] == 99 * 2 * 2 * n, s
+
+
+def test_cuda_cake_replays_and_equals_its_default_path():
+    """CAKE under specache.compile + model.generate: its static path (policies/cake_static.py, the default where the
+    cache is a StaticCache: B_l + S_w + 1 slots per site, the decode eviction computed on fixed shapes and applied by a
+    device condition) replayed as CUDA graphs gives the tokens of the default path (static=False, a DynamicCache),
+    float32, over prompts longer than the budget: the prefill evicts, then every decode step does."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    outs = []
+    for static in (False, "auto"):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, policy="cake", inner="inductor", policy_options={"budget": 256, "static": static})
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    st = specache.stats(m)
+    g = st["cuda_graphs"]
+    assert g["captured"] == 1 and g["replayed"] == 100 - 1 - 3, g  # build, prove, capture, then replays
+    rt = specache.runtime_of(m)
+    for name, site in rt.sites.items():
+        rep = rt.policy.site_report(site)
+        assert rep["cake_kept"] == rep["cake_budget"] + 32, (name, rep)  # evicted back to B_l + S_w every step
+        assert site.tier["static"].k.shape[2] == rep["cake_budget"] + 32 + 1
+    assert all(s["length"] == 700 + 99 and s["decode_steps"] == 99 for s in st["store"].values())
