@@ -128,8 +128,12 @@ class Runner:
                 # SpeCache as published: pre-decoding, then [real, speculative] steps with prefetch; EOS masked as
                 # model.generate(min_new_tokens=n) masks it for the reference (else the sequences part at its EOS)
                 return specache.generate(self.model, x, n, suppress_tokens=self._eos())[0].tolist()
+        # a DynamicCache, not the bucketed StaticCache a compiled model.generate defaults to for a policy with a static
+        # path: the rows' KV compression is the policy's state over the written tokens, as the peers' rows measure
+        # theirs, not a bucket's unused capacity (the static path's tokens equal the default path's: tests/policies)
+        kw = {"cache_implementation": "dynamic"} if self.config is not None else {}
         with torch.no_grad():
-            out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+            out = self.model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n, **kw)
         return out[0, len(ids) :].tolist()
 
     def forced(self, ids: list[int], ref: list[int]) -> list[int]:
