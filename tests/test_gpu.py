@@ -397,3 +397,34 @@ def test_cuda_cake_replays_and_equals_its_default_path():
         assert rep["cake_kept"] == rep["cake_budget"] + 32, (name, rep)  # evicted back to B_l + S_w every step
         assert site.tier["static"].k.shape[2] == rep["cake_budget"] + 32 + 1
     assert all(s["length"] == 700 + 99 and s["decode_steps"] == 99 for s in st["store"].values())
+
+
+def test_cuda_kvcomp_replays_and_equals_its_default_path():
+    """KVComp under specache.compile + model.generate: its static path (policies/kvcomp_static.py, the default where
+    the cache is a StaticCache: the compressed streams and recent buffers at fixed shapes, lengths on the device,
+    the kernels over fixed views) replayed as CUDA graphs gives the tokens of the default path (static=False, a
+    DynamicCache), float32, the paper's settings: a K block is compressed at positions 703 and 767 and a V block at
+    767, on steps run from Python between the replays."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    outs = []
+    for static in (False, "auto"):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, policy="kvcomp", inner="inductor", policy_options={"static": static})
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    st = specache.stats(m)
+    rt = specache.runtime_of(m)
+    state = next(iter(rt.sites.values())).tier["static"]
+    # a state replaced mid-sequence (a stream outgrew its reserved words) is proven and captured again
+    more = len(state.retired)
+    g = st["cuda_graphs"]
+    # build, prove, capture, the two block steps, then replays
+    assert g["captured"] == 1 + more and g["replayed"] == 100 - 1 - 3 - 2 - 2 * more, g
+    if not more:
+        assert state.kcap == 512 + 128 and state.vcap == 384 + 512  # the prefill's blocks and four more of each
+    for s in st["store"].values():  # the replayed steps counted as the ones run from Python
+        assert s["length"] == 700 + 99 and s["decode_steps"] == 99, s
+        assert s["compressed_tokens_k"] == 640 and s["compressed_tokens_v"] == 512, s

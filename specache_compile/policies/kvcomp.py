@@ -30,7 +30,12 @@ a value decodes with one table lookup instead of the paper's bit-serial tree wal
 per group of up to 32 vectors plus a 16-bit bit offset per vector (the paper: uint32 per 64-vector block, uint16 per
 vector). Scales and min_ints are kept in fp32 / int32 (the paper: fp16 / int8), a few bytes per block or token.
 
-Options (``policy_options``): rel_k, rel_v, k_block, v_block, k_recent, v_recent, max_len.
+Options (``policy_options``): rel_k, rel_v, k_block, v_block, k_recent, v_recent, max_len, and ``static`` ("auto"
+by default, True, False): a model decoding a StaticCache (what ``model.generate`` after ``specache.compile`` uses
+for a static policy, or a gpt-fast-style module writing its cache by position) decodes through fixed-shape state
+(policies/kvcomp_static.py: the same streams, recent buffers and attention, lengths on the device, blocks compressed
+on the steps that run from Python), so its one-token steps replay as CUDA graphs (decode_graphs.py); True requires
+that path (a DynamicCache decode is refused), False never takes it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ import torch
 from ..kernels import kvcomp_ops as ko
 from ..kernels import ops
 from ..runtime.buffers import Growable
+from ..runtime.state import parse_static
 from .base import Policy, register_policy
+from .kvcomp_static import KVCompState
 
 _DEFAULTS = {"rel_k": 0.05, "rel_v": 0.1, "k_block": 64, "v_block": 128, "k_recent": 128, "v_recent": 256,
              "max_len": 10}
@@ -63,9 +70,11 @@ class KVCompPolicy(Policy):
     def __init__(self, config):
         super().__init__(config)
         opts = dict(config.policy_options)
+        static = opts.pop("static", "auto")
         unknown = sorted(set(opts) - set(_DEFAULTS))
         if unknown:
-            raise ValueError(f"kvcomp policy: unknown policy_options {unknown}; expected some of {sorted(_DEFAULTS)}")
+            raise ValueError(f"kvcomp policy: unknown policy_options {unknown}; expected some of "
+                             f"{sorted([*_DEFAULTS, 'static'])}")
         o = {**_DEFAULTS, **opts}
         for f in ("rel_k", "rel_v"):
             v = o[f]
@@ -88,6 +97,7 @@ class KVCompPolicy(Policy):
         self.k_block, self.v_block = o["k_block"], o["v_block"]
         self.k_recent, self.v_recent = o["k_recent"], o["v_recent"]
         self.max_len = v
+        parse_static(self, static, [])  # every option of this policy has a static path
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
@@ -216,6 +226,20 @@ class KVCompPolicy(Policy):
             out += (pr @ vr).reshape(b, hq, sq, dv)
         return out.to(q.dtype)
 
+    def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
+        # the streams and recent buffers at fixed shapes, lengths on the device (policies/kvcomp_static.py); built at
+        # a site's first static step from what the prefill left
+        if speculating or q.shape[2] != 1:
+            from ..runtime.runtime import CacheMismatch  # (runtime.py imports the policies)
+
+            raise CacheMismatch(f"specache: site {site.name}: kvcomp's static decode path takes one-token steps; got "
+                                f"{q.shape[2]} query rows (speculating={speculating}). Fix: decode one token a call, "
+                                "or pass policy_options={'static': False}")
+        t = site.tier
+        if "static" not in t:
+            t["static"] = KVCompState(self, site, bias.shape[-1])
+        return t["static"].step(site, q, k_new, v_new, pos, bias, scale)
+
     # -- reporting ------------------------------------------------------------------------------------------------
     def site_report(self, site):
         t = site.tier
@@ -226,7 +250,7 @@ class KVCompPolicy(Policy):
     def describe(self):
         return {"policy": self.name, "rel_k": self.rel_k, "rel_v": self.rel_v, "k_block": self.k_block,
                 "v_block": self.v_block, "k_recent": self.k_recent, "v_recent": self.v_recent,
-                "max_len": self.max_len}
+                "max_len": self.max_len, "static": self.static}
 
 
 def _used(x: Any) -> int:

@@ -140,6 +140,8 @@ def test_bad_options_raise(opts, field):
 def test_describe():
     d = make_policy(rel_k=0.02).describe()
     assert d["policy"] == "kvcomp" and d["rel_k"] == 0.02 and d["rel_v"] == 0.1 and d["max_len"] == 10
+    assert d["static"] is True  # "auto": every option has a static path (tests/policies/test_kvcomp_static.py)
+    assert make_policy(static=False).describe()["static"] is False
 
 
 # -- the whole pass on a transformers Llama ---------------------------------------------------------------------------
@@ -193,10 +195,13 @@ def _run(llama, steps, n, heads=4, kv_heads=2, static=False, **kw):
 
 def test_compression_off_matches_unmodified(llama):
     # recent buffers longer than the sequence: nothing is compressed, attention is exact (StaticCache: the pass's
-    # INDEX mode, the attention reads a fixed-size buffer that the runtime clips to the written length)
-    _, err, st = _run(llama, 8, 40, static=True, policy_options={"k_recent": 4096, "v_recent": 4096})
+    # INDEX mode, decoded by the static path, policies/kvcomp_static.py: recent buffers at the cache's 56 positions,
+    # no compressed view, since no block can be cut within them)
+    model, err, st = _run(llama, 8, 40, static=True, policy_options={"k_recent": 4096, "v_recent": 4096})
     assert err <= FP32_REL
     assert all(s["compressed_tokens_k"] == 0 for s in st["store"].values())
+    states = [s.tier["static"] for s in specache.runtime_of(model).sites.values()]
+    assert states and all((x.kcap, x.vcap, x.rk) == (0, 0, 56) for x in states)
 
 
 def test_fine_rel_close_to_unmodified(llama):
