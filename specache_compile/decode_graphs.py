@@ -12,8 +12,8 @@ Which calls are replayed, and why they are safe:
 
 - **Key.** Every call is keyed by what decides the work it does: each tensor argument's shape, strides, dtype and
   device; every other argument's value (or identity for objects, such as the cache); grad/inference mode; the
-  module's training flag; the identity and prefetch-slot parity of every site's static state (a new sequence builds
-  new state, so graphs never outlive their sequence).
+  module's training flag; the serial (runtime/state.py) and prefetch-slot parity of every site's static state (a
+  new sequence builds new state, so graphs never outlive their sequence).
 - **Proof by an eager call.** A key is captured only after an eager call with that key ran as a plain static decode
   step at every site it reached, without building state (the first step after a prefill builds it) and leaving the
   key unchanged. The call after that is captured and replayed; every later one is replayed.
@@ -133,7 +133,7 @@ class DecodeGraphs:
     # -- keys -----------------------------------------------------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         rt = self.runtime
-        states = tuple((name, id(st), None if st is None else st.cur)
+        states = tuple((name, None, None) if st is None else (name, st.serial, st.cur)
                        for name, st in ((name, s.tier.get("static")) for name, s in rt.sites.items()))
         module = self._module()
         training = module is not None and module.training

@@ -31,8 +31,7 @@ bucketed cache) would decode up to several times the compressed tokens; a view o
 every block, i.e. a recapture every ``k_block`` steps. The view covers the compressed tokens plus a quarter (at least
 four blocks); a block past it, or a stream that outgrows its reserved words (a Growable that grows is a new tensor),
 makes the state a new object with larger views (``grown``), so decode_graphs proves and captures again: a few times
-per sequence. A replaced state stays referenced (its tensors dropped) so that its ``id``, which keys the graphs
-captured over it, is never reused by a later state while those graphs are kept.
+per sequence (graphs are keyed by the state's serial, never reused).
 
 The write position is checked on the device (``bad``, raised by ``Runtime.check_deferred``). A multi-token call
 after static steps is refused, as on the default path: KVComp keeps no full-precision store to attend the earlier
@@ -87,10 +86,8 @@ class KVCompState(StaticDecodeState):
             self.n = torch.tensor(site.length, dtype=torch.int64, device=dev)
             self.nk = torch.tensor(t["nk"], dtype=torch.int64, device=dev)
             self.nv = torch.tensor(t["nv"], dtype=torch.int64, device=dev)
-            self.retired: list[KVCompState] = []
         else:  # mid-step (a block step that outgrew the views): the counters and the flag carry on
             self.bad, self.n, self.nk, self.nv = prev.bad, prev.n, prev.nk, prev.nv
-            self.retired = [*prev.retired, prev]
         # the most tokens either can compress: a block is cut once ``recent`` tokens follow it within the capacity
         self.kcap = _room(t["nk"], kb, max(0, capacity - policy.k_recent) // kb * kb)
         self.vcap = _room(t["nv"], vb, max(0, capacity - policy.v_recent) // vb * vb)

@@ -4,6 +4,7 @@ A policy that declares ``static`` keeps, per site, one :class:`StaticDecodeState
 built at the site's first static decode step from what the prefill left. The runtime and the CUDA-graph replay
 (decode_graphs.py) read only what this class declares, never the policy's own tensors:
 
+- ``serial``: unique per state object, never reused: captured graphs are keyed by it (a new state, new graphs);
 - ``cur``: which of the state's alternating buffers the next step reads (SpeCache's two prefetch slots); a captured
   step is keyed by it, so a state with one buffer set (``cur`` always 0) needs one graph per sequence;
 - ``bad``: a device bool the state's steps raise when a write position was not the next one (no host read in a
@@ -16,15 +17,21 @@ built at the site's first static decode step from what the prefill left. The run
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
+
+_SERIALS = itertools.count(1)
 
 
 class StaticDecodeState:
     """Base class of a site's fixed-shape decode state (see the module docstring)."""
 
     def __init__(self, device: torch.device) -> None:
+        # what graphs are keyed by: never reused, unlike id() (a state replaced twice before a capture could be
+        # given the address of the first, and its graphs replayed over freed tensors)
+        self.serial = next(_SERIALS)
         self.cur = 0
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
 

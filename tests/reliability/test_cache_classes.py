@@ -165,8 +165,9 @@ def test_huge_topk_allocates_slots_for_the_context_only():
 @torch.no_grad()
 def test_generate_raises_a_deferred_position_error_before_returning(monkeypatch):
     """On CUDA, decode steps of an index-mode cache check their positions on the device; model.generate raises what
-    they found before it returns the tokens (here the device check is forced to fail)."""
-    m = specache.compile(build("llama", seed=0), policy="full")
+    they found before it returns the tokens (here the device check is forced to fail). The default path's check
+    (the static path's is tested with each policy's static path: tests/policies/test_*_static.py)."""
+    m = specache.compile(build("llama", seed=0), policy="full", policy_options={"static": False})
     runtime = m._specache_runtime  # specache.runtime_of needs a first call
 
     def always_bad(site_name, write_pos, start, n):

@@ -157,9 +157,9 @@ def test_off_when_asked_or_when_measuring_error():
 
 
 @torch.no_grad()
-def test_policies_without_a_static_decode_are_never_replayed():
+def test_a_policy_decoding_without_its_static_path_is_never_replayed():
     base = hf_models.build("llama", seed=5)
-    m = specache.compile(hf_models.twin(base), policy="full")
+    m = specache.compile(hf_models.twin(base), policy="full", policy_options={"static": False})
     m._specache_graphs.capture = False
     ids = _ids(30, 7)
     out = m.generate(ids, max_new_tokens=8, do_sample=False, cache_implementation="specache")

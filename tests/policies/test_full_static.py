@@ -1,0 +1,101 @@
+"""The full policy's static decode path (policies/full.py FullStatic), CPU: a StaticCache decoded with the new token
+written into the store at its device position and the store's whole capacity attended under the capacity's bias, so
+model.generate's steps replay (capture=False emulation: tests/runtime/test_decode_graphs.py)."""
+
+from __future__ import annotations
+
+import hf_models
+import pytest
+import torch
+
+import specache
+from specache_compile.runtime.runtime import CacheMismatch
+
+
+def _ids(n, seed, vocab=128):
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _compile(base, static="auto"):
+    m = specache.compile(hf_models.twin(base), policy="full", policy_options={"static": static})
+    m._specache_graphs.capture = False
+    return m
+
+
+@torch.no_grad()
+def test_model_generate_decodes_statically_and_equals_the_unmodified_model():
+    base = hf_models.build("llama", layers=2, seed=0).double()
+    ids = _ids(40, 1)
+    ref = base.generate(ids, max_new_tokens=12, do_sample=False)
+    m = _compile(base)
+    rt = specache.runtime_of(m)
+    assert rt.policy.static and rt.policy.describe() == {"policy": "full", "static": True}
+    out = m.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
+    g = m._specache_graphs.stats()
+    assert g["captured"] == 1 and g["replayed"] == 11 - 3
+    for site in rt.sites.values():
+        assert site.length == 40 + 11 and "static" in site.tier
+        cap = site.tier["static"].capacity
+        # every step fetched the capacity: what a replayed step counts too
+        assert site.stats.fetched_rows == 11 * site.batch * site.heads * cap
+
+
+@torch.no_grad()
+def test_unwritten_store_rows_never_reach_the_output():
+    """The store's rows past the written length are uninitialised memory (NaN here): the static state zeroes them, so
+    the masked columns of the capacity contribute 0, never NaN."""
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", layers=2, seed=2).double()
+    ids = _ids(30, 3)
+
+    def loop(model, poison):
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        if poison:
+            for site in specache.runtime_of(model).sites.values():
+                for buf in (site.k, site.v):
+                    buf.reserve(64)
+                    buf.data[:, :, site.length:] = float("nan")
+        logits, tok = [], out.logits[:, -1:].argmax(-1)
+        for p in range(30, 40):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
+                        cache_position=torch.tensor([p]))
+            logits.append(out.logits)
+            tok = out.logits[:, -1:].argmax(-1)
+        return torch.cat(logits, 1)
+
+    got = loop(_compile(base), poison=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, loop(base, poison=False), rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_a_write_at_a_wrong_position_is_raised():
+    from transformers import StaticCache
+
+    base = hf_models.build("llama", layers=2, seed=4)
+    m = _compile(base)
+    cache = StaticCache(config=m.config, max_cache_len=64)
+    ids = _ids(30, 5)
+    m(input_ids=ids, past_key_values=cache, use_cache=True)
+    m(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[30]]),
+      cache_position=torch.tensor([30]))
+    specache.stats(m)
+    site = next(iter(specache.runtime_of(m).sites.values()))
+    st = site.tier["static"]
+    kv = torch.zeros(1, site.heads, 1, site.head_dim)
+    st.step(site, torch.zeros(1, 4, 1, site.head_dim), kv, kv, torch.tensor([40]), torch.zeros(1, 1, 1, 64), 1.0)
+    with pytest.raises(CacheMismatch, match="other positions than the next one"):
+        specache.stats(m)
+
+
+def test_options_are_checked():
+    base = hf_models.build("llama", layers=1)
+    with pytest.raises(ValueError, match="static"):
+        specache.compile(hf_models.twin(base), policy="full", policy_options={"static": "yes"})
+    with pytest.raises(ValueError, match="unknown policy_options"):
+        specache.compile(hf_models.twin(base), policy="full", policy_options={"topn": 3})
+    assert not specache.runtime_of(specache.compile(hf_models.twin(base), policy="full",
+                                                    policy_options={"static": False})).policy.static
