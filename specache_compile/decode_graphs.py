@@ -99,8 +99,10 @@ class DecodeGraphs:
         ran, static = rt.calls - calls, rt.plain_static_steps - plain
         if static:
             self.eager_steps += 1
-        if ran and ran == static and self._key(args, kwargs) == key:
-            # a plain static decode step at every site, which built no state: the next call of this key is captured
+        after = self._key(args, kwargs)
+        if ran and ran == static and (after == key or after == _flipped(key)):
+            # a plain static decode step at every site, which built no state (a prefetching one only moved every site
+            # to its other slot): the next call of this key is captured
             self._safe[key] = None
             self._safe.move_to_end(key)
             while len(self._safe) > _SAFE_KEPT:
@@ -133,16 +135,24 @@ class DecodeGraphs:
     # -- keys -----------------------------------------------------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         rt = self.runtime
-        states = tuple((name, None, None) if st is None else (name, st.serial, st.cur)
-                       for name, st in ((name, s.tier.get("static")) for name, s in rt.sites.items()))
+        sts = [(name, s.tier.get("static")) for name, s in rt.sites.items()]
+        # the states (a new sequence, a grown state: new graphs) and, apart, their parities (a policy that prefetches
+        # into alternating slots has a graph for each, both of one sequence)
+        states = tuple((name, None if st is None else st.serial) for name, st in sts)
+        parities = tuple(None if st is None else st.cur for _, st in sts)
         module = self._module()
         training = module is not None and module.training
-        return (states, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), training,
+        return (states, parities, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), training,
                 tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in sorted(kwargs.items())))
 
     def stats(self) -> dict[str, int]:
         return {"captured": self.captured, "replayed": self.replayed, "eager_steps": self.eager_steps,
                 "kept": len(self.graphs)}
+
+
+def _flipped(key: tuple) -> tuple:
+    """``key`` with every site's prefetch-slot parity flipped: what a step that prefetches for the next one leaves."""
+    return (key[0], tuple(None if c is None else c ^ 1 for c in key[1]), *key[2:])
 
 
 def _arg_key(x: Any):

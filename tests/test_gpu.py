@@ -444,3 +444,26 @@ def test_cuda_full_replays_and_equals_the_unmodified_model():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     g = specache.stats(m)["cuda_graphs"]
     assert g["captured"] == 1 and g["replayed"] == 40 - 1 - 3, g
+
+
+def test_cuda_previous_query_prefetch_replays_and_equals_eager():
+    """policy_options prefetch="previous" under model.generate: each plain step attends the rows the previous step's
+    query chose, fetched on the side stream, through two graphs (the slots alternate); replayed, it gives the tokens
+    and the bookkeeping of the same loop run eagerly (cuda_graphs=False)."""
+    base = _bigger(torch.bfloat16)
+    ids = torch.randint(2, 128, (2, 1500), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    runs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, topk=32, inner="inductor", cuda_graphs=graphs,
+                         policy_options={"static": True, "prefetch": "previous", "hit_every": 1})
+        with torch.no_grad():
+            out = m.generate(ids, max_new_tokens=30, do_sample=False, min_new_tokens=30)
+        st = specache.stats(m)
+        runs.append((out, next(iter(st["store"].values())), st["cuda_graphs"]))
+    (eager, st0, _), (graphed, st1, g1) = runs
+    assert torch.equal(eager, graphed)
+    for key in ("length", "decode_steps", "fetched_rows", "prefetch_issued", "prefetch_consumed"):
+        assert st0[key] == st1[key], key
+    assert g1["captured"] == 2 and g1["replayed"] == 29 - 5, g1

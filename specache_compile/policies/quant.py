@@ -53,7 +53,7 @@ class QuantPolicy(SpeCachePolicy):
         self.sinks = config.sinks
         self.topk = 0  # nothing is fetched (SpeCache's reset sizes its fetch slots by it; they are dropped below)
         # what SpeCache's static path reads of its options: every token outside the window attends through the copy
-        self.lowbit_remainder, self.miss_rule = True, "lowbit"
+        self.lowbit_remainder, self.miss_rule, self.prefetch = True, "lowbit", "demand"
         opts = dict(config.policy_options)
         static = opts.pop("static", "auto")
         if opts:

@@ -71,6 +71,15 @@ class SpeCachePolicy(Policy):
         if self.miss_rule not in ("lowbit", "fetch"):
             raise ValueError(f"specache policy: policy_options['miss_rule'] expected 'lowbit' or 'fetch', got "
                              f"{self.miss_rule!r}")
+        # What a plain one-token static step (model.generate) attends with: "demand" ranks with its query, fetches
+        # that top-k on the main stream and attends (two passes over the low-bit copy); "previous" attends with the
+        # rows the previous step's query chose, prefetched on the side stream during that step (FreeKV's
+        # previous-query prediction; misses attend through the low-bit copy), and ranks for the next step in the
+        # same pass
+        self.prefetch = opts.pop("prefetch", "demand")
+        if self.prefetch not in ("demand", "previous"):
+            raise ValueError(f"specache policy: policy_options['prefetch'] expected 'demand' or 'previous', got "
+                             f"{self.prefetch!r}; fix: prefetch='demand' (the default) or 'previous'")
         # Composition with KVComp: the host copy stored with KVComp's codec (runtime/host_codec.py)
         self.host_codec = opts.pop("host_codec", None)
         self.host_rel = opts.pop("host_rel", 0.02)
@@ -95,7 +104,8 @@ class SpeCachePolicy(Policy):
                     raise ValueError(f"specache policy: policy_options[{key!r}] expected a number > 0, got {value!r}")
                 self.cake[key] = value
         if opts:
-            known = ["hit_every", "miss_rule", "layer_budgets", "host_codec", "host_rel", "static", *cake_keys]
+            known = ["hit_every", "miss_rule", "prefetch", "layer_budgets", "host_codec", "host_rel", "static",
+                     *cake_keys]
             raise ValueError(f"specache policy: unknown policy_options {sorted(opts)}; expected some of {known}")
         self._prefs: dict[str, float] = {}  # site -> CAKE preference of its last prefill
         self._topk: dict[str, int] | None = None  # site -> top-k, allocated at the first decode step

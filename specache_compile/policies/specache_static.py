@@ -151,7 +151,8 @@ class StaticState(state.StaticDecodeState):
         # a top-k over C columns picks at most C; 0 for a policy that fetches nothing (quant: the copy and the ring)
         self.topk = min(policy.topk_of(site), capacity) if policy.topk else 0
         self.issued = [False, False]  # a fetch was launched into that slot
-        self.step = None  # (rows stored, speculative, rows fetched, bytes fetched) of the last step: see replayed()
+        # (rows stored, speculative, rows fetched, bytes fetched, prefetched) of the last step: see replayed()
+        self.step = None
         self.events: list = []
         nq, n = t["nq"], site.length
         rows, groups = self.cq + g, self.cq // g + 1
@@ -211,15 +212,15 @@ class StaticState(state.StaticDecodeState):
         the last step this code ran (same kind, same sizes)."""
         if self.step is None or steps <= 0:
             return
-        n_real, speculating, rows, nbytes = self.step
+        n_real, speculating, rows, nbytes, prefetching = self.step
         site.count_static_steps(n_real, speculating, steps)
         site.stats.fetched_rows += rows * steps
         site.stats.fetched_bytes += nbytes * steps
-        if speculating:  # (quant's static path fetches nothing and has no prefetch slots)
+        if prefetching:  # (quant's static path fetches nothing and has no prefetch slots)
             pf = site.tier["prefetch"]
             pf.stats.issued += steps
             pf.stats.consumed += steps
-        if speculating and steps % 2:  # a speculative step fetches into the other slot; a plain step reads its own
+        if prefetching and steps % 2:  # a prefetching step fetches into the other slot; an on-demand one its own
             self.cur ^= 1
 
 
@@ -285,7 +286,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     if speculating:
         k_cols, v_cols = torch.cat([k_cols, k_new[:, :, -1:]], 2), torch.cat([v_cols, v_new[:, :, -1:]], 2)
     if not st.topk:  # nothing fetched (quant): attention over the copy with the ring substituted
-        st.step = (n_real, speculating, 0, 0)
+        st.step = (n_real, speculating, 0, 0, False)
         return ops.lowbit_decode_attention(q, *low, policy.bits, g, 0, k_cols, v_cols, pos_cols, bias, scale)
 
     # (3) rank with the speculative row (or the real row of a plain step)
@@ -293,7 +294,8 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     top = _rank_rows(policy, site, st, q[:, :, r : r + 1], bias[..., r : r + 1, :], low, k_cols, pos_cols, scale)
 
     pf = t["prefetch"]
-    if speculating:
+    prefetching = speculating or policy.prefetch == "previous"
+    if prefetching:
         # the rows the previous step's speculative row chose (a slot never filled reads as positions -1)
         idx_now = t["s_slot_idx"][st.cur]
         if st.issued[st.cur]:
@@ -307,7 +309,15 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
                 real = _rank_rows(policy, site, st, q[:, :, :1], bias[..., :1, :], low, k_cols, pos_cols, scale)
                 t["hits"] += overlap_count(real, idx_now)
                 t["hit_total"] += real.numel()
+            if not speculating:  # the real row's choice against the previous step's: the previous-query hit rate
+                _sample_previous(policy, t, idx_now, top)
         k_f, v_f = pf.slots_k[st.cur, :, :, : st.topk], pf.slots_v[st.cur, :, :, : st.topk]
+        if not speculating and not st.issued[st.cur]:
+            # the sequence's first plain step: nothing was prefetched for it, so its own choice is fetched now (a
+            # step that builds the state: never captured, so this branch on a host flag is never replayed)
+            idx_now.copy_(top)
+            gather_rows_static(site.k.data, idx_now, k_f)
+            gather_rows_static(site.v.data, idx_now, v_f)
         _issue(site, st, top)
     else:
         # plain step: fetch the real row's choice now, on the main stream, into the current slot
@@ -319,7 +329,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     rows, nbytes = idx_now.numel(), k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
     site.stats.fetched_rows += rows
     site.stats.fetched_bytes += nbytes
-    st.step = (n_real, speculating, rows, nbytes)  # what replayed() counts for a step a graph replays
+    st.step = (n_real, speculating, rows, nbytes, prefetching)  # what replayed() counts for a replayed step
 
     # (4) attention over the copy, with the fetched rows, the ring and the speculative column substituted
     fp_pos = torch.cat([idx_now, pos_cols], dim=2)
@@ -353,8 +363,10 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
         return ops.fused_decode(q, *low, policy.bits, g, 0, k_f, v_f, idx, k_win, v_win, win_pos, bias, nq, scale,
                                 rank_row, k, attend)
 
-    if speculating:
-        # attend with the rows the previous step's speculative row chose; rank with this step's for the next
+    prefetching = speculating or policy.prefetch == "previous"
+    if prefetching:
+        # attend with the rows the previous step's speculative row (or real row, prefetch="previous") chose; rank
+        # with this step's for the next
         idx_now = t["s_slot_idx"][st.cur]
         if st.issued[st.cur]:
             # filled on the side stream: NOTE read-after-write across streams (see decode)
@@ -366,7 +378,14 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
             real = fused(idx_now, 0, st.topk, attend=False)[1]
             t["hits"] += overlap_count(real, idx_now)
             t["hit_total"] += real.numel()
+        first = not speculating and not st.issued[st.cur]
+        if first:  # the sequence's first plain step: its own choice fetched now (see decode)
+            idx_now.copy_(fused(idx_now, 0, st.topk, attend=False)[1])
+            gather_rows_static(site.k.data, idx_now, k_f)
+            gather_rows_static(site.v.data, idx_now, v_f)
         out, top = fused(idx_now, sq - 1, st.topk)
+        if not speculating and not first:
+            _sample_previous(policy, t, idx_now, top)
         _issue(site, st, top)
     else:
         # plain step: rank with the real row (keys only), fetch its choice now on the main stream, then attend
@@ -381,7 +400,7 @@ def _decode_fused(policy, site, st, q, k_new, v_new, pos, bias, scale, n_real, s
     rows, nbytes = idx_now.numel(), k_f.numel() * k_f.element_size() + v_f.numel() * v_f.element_size()
     site.stats.fetched_rows += rows
     site.stats.fetched_bytes += nbytes
-    st.step = (n_real, speculating, rows, nbytes)  # what replayed() counts for a step a graph replays
+    st.step = (n_real, speculating, rows, nbytes, prefetching)  # what replayed() counts for a replayed step
     return out
 
 
