@@ -14,9 +14,10 @@
 #       it and the full-graph baseline's attention (tests/test_gpu.py); fused_kernels: bench/kernel_bench.py --only-fused
 #       (fused_decode at 32K/128K x batch 1/8 x bits 2/1, the unfused ops beside it, a launch-shape sweep);
 #       graph_rows / graph_b8: full-graph, full-flash and specache-graph decode rows at 8K/32K/128K batch 1 / 32K batch 8
-#       (issue 18's comparison: one machine, one process per step); hf_generate: model.generate unmodified and after
-#       specache.compile (defaults: the static path with decode graphs; full), beside full-graph, at 8K/32K/128K batch 1
-#       (issue 17's rows);
+#       (issue 18's comparison: one machine, one process per step); hf_generate: model.generate after specache.compile
+#       (each policy's defaults: its static path with decode graphs) for specache, quant, streaming and snapkv beside
+#       full-graph at 8K/32K/128K batch 1; hf_generate2: the same for cake, kcache, kvcomp and full, and the
+#       unmodified model's own model.generate, at 8K/32K (issue 17's rows; ROWS_CONTEXTS overrides the contexts);
 #     accuracy_bg: every policy's accuracy grid, one niced process per policy in the background (the tiny model leaves
 #       the GPU idle: run it beside the GPU tests, never beside a timed step), waited for at the end
 #
@@ -66,7 +67,7 @@ for step in $steps; do
       pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
       pytest_gpu gpu_exact 90 tests/test_gpu.py -k exact_attention ;;
-    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows | graph_rows | graph_b8 | hf_generate)
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows | graph_rows | graph_b8 | hf_generate | hf_generate2)
       # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
       # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
       # from the same machine as the rows they are compared with.
@@ -90,8 +91,11 @@ for step in $steps; do
         graph_b8) ms="full-graph full-flash specache-graph"; cs="32768"; bs=8; lim=${ROWS_LIMIT:-420} ;;
         # model.generate: the unmodified model, specache's defaults (static path, decode graphs), the full policy, and
         # the strongest baseline in the same process
-        hf_generate) ms="hf-generate-specache full-graph hf-generate hf-generate-full"
-          cs=$all; lim=${ROWS_LIMIT:-540} ;;
+        hf_generate) ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
+          cs=${ROWS_CONTEXTS:-$all}; lim=${ROWS_LIMIT:-540} ;;
+        # the other policies' static paths under model.generate, and the unmodified model's own loop
+        hf_generate2) ms="hf-generate-cake hf-generate-kcache hf-generate-kvcomp hf-generate-full hf-generate"
+          cs=${ROWS_CONTEXTS:-"8192 32768"}; lim=${ROWS_LIMIT:-540} ;;
       esac
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --batches $bs --steps 6 --warmup 3 $fetch --profile-steps 1 \
@@ -129,7 +133,7 @@ for step in $steps; do
           --out "$d/accuracy.jsonl" >"$d/eval.log" 2>&1 &
       done
       bg_accuracy=1 ;;
-    *) echo "unknown step $step (expected: reliability fused_tests fused_kernels graph_rows graph_b8 hf_generate codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
+    *) echo "unknown step $step (expected: reliability fused_tests fused_kernels graph_rows graph_b8 hf_generate hf_generate2 codec_tests exact static tests kernels rows baselines offloaded dynamic noprefetch noprefetch128 graph graph1 full2 policies codec policies128 policies128b decode_x4 decode_packed accuracy accuracy2 accuracy_bg)"; exit 2 ;;
   esac
 done
 if [ -n "${bg_accuracy:-}" ]; then
