@@ -42,7 +42,7 @@ class CakeRows(StaticDecodeState):
 
     def __init__(self, site, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, slots: int, keep: int | None,
                  sw: int, kernel: int, capacity: int, rows0: int | None = None, prompt: int | None = None) -> None:
-        super().__init__(site.device)
+        super().__init__(site.device, site.length)
         b, h, used = pos.shape
         self.k = k.new_zeros((b, h, slots, k.shape[-1]))
         self.v = v.new_zeros((b, h, slots, v.shape[-1]))
@@ -51,7 +51,6 @@ class CakeRows(StaticDecodeState):
         self.v[:, :, :used].copy_(v)
         self.pos[:, :, :used].copy_(pos)
         self.used = torch.tensor(used, dtype=torch.int64, device=site.device)
-        self.n = torch.tensor(site.length, dtype=torch.int64, device=site.device)  # tokens seen
         self.slots, self.sw, self.kernel, self.capacity = slots, sw, kernel, capacity
         self.keep = keep if keep is not None and slots == keep + 1 else None
         self.rows0 = used if rows0 is None else rows0
@@ -68,8 +67,7 @@ class CakeRows(StaticDecodeState):
         """One decode step: q [B, Hq, 1, D], the new token's K/V [B, Hkv, 1, D] at the device position pos [1], bias
         [B|1, Hq|1, 1, C] over the cache's capacity. Returns [B, Hq, 1, Dv]."""
         p = pos[:1]
-        self.bad |= p[0] != self.n
-        self.n.add_(1)
+        self.advance(p)
         b, h, slots = self.pos.shape
         s = self.used.clamp(max=slots - 1).view(1)  # clamped: a flagged step must not index past the slots
         self.k.index_copy_(2, s, k_new[:, :, :1])

@@ -15,8 +15,6 @@ positions).
 
 from __future__ import annotations
 
-import torch
-
 from ..kernels import ops
 from ..kernels.quant_ops import scatter_rows_static
 from ..runtime.state import StaticDecodeState, parse_static
@@ -56,9 +54,8 @@ class FullStatic(StaticDecodeState):
     gives NaN)."""
 
     def __init__(self, site, capacity: int) -> None:
-        super().__init__(site.device)
+        super().__init__(site.device, site.length)
         self.capacity = capacity
-        self.n = torch.tensor(site.length, dtype=torch.int64, device=site.device)
         for buf in (site.k, site.v):
             buf.reserve(capacity)  # one allocation (and a sync if it grows): written in place from now on
             buf.data.narrow(2, site.length, buf.data.shape[2] - site.length).zero_()
@@ -81,8 +78,7 @@ class FullStatic(StaticDecodeState):
         """q [B, Hq, 1, D], the new token's K/V [B, Hkv, 1, D] at the device position pos [1], bias
         [B|1, Hq|1, 1, C] over the capacity. Returns [B, Hq, 1, Dv]."""
         p = pos[:1]
-        self.bad |= p[0] != self.n
-        self.n.add_(1)
+        self.advance(p)
         scatter_rows_static(k_new[:, :, :1], p, site.k.data)
         scatter_rows_static(v_new[:, :, :1], p, site.v.data)
         c, dev = self.capacity, q.device

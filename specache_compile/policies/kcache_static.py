@@ -50,7 +50,7 @@ class KCacheState(StaticDecodeState):
     ``cols``: 0..C-1, a constant (a graph replays its address)."""
 
     def __init__(self, policy, site, capacity: int) -> None:
-        super().__init__(site.device)
+        super().__init__(site.device, site.length)
         t, dev = site.tier, site.device
         b, h, n = site.batch, site.heads, site.length
         self.k = torch.zeros((b, h, capacity, site.head_dim), dtype=site.dtype, device=dev)
@@ -60,7 +60,6 @@ class KCacheState(StaticDecodeState):
         self.fetch_v = torch.zeros((b, h, self.topn, site.v_head_dim), dtype=site.dtype, device=dev)
         for name in ("k", "fetch_v"):
             t.pop(name)  # the default path's buffers: this state's replace them until the tier is reset
-        self.n = torch.tensor(n, dtype=torch.int64, device=dev)
         self.cols = torch.arange(capacity, device=dev)
         self.renormalize = policy.renormalize
         # what one step fetches, as the default path counts it (values only): replayed() repeats it
@@ -91,8 +90,7 @@ class KCacheState(StaticDecodeState):
         hkv, c, topn = self.k.shape[1], self.k.shape[2], self.topn
         rep = hq // hkv
         p = pos[:1]
-        self.bad |= p[0] != self.n
-        self.n.add_(1)
+        self.advance(p)
         self.k.index_copy_(2, p, k_new[:, :, :1])
         scatter_rows_static(k_new[:, :, :1], p, site.k.data)
         scatter_rows_static(v_new[:, :, :1], p, site.v.data)

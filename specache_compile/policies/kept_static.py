@@ -42,9 +42,8 @@ class KeptRows(StaticDecodeState):
 
     def __init__(self, site, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                  slot: Callable[[torch.Tensor], torch.Tensor], owned: bool, limit: int | None = None) -> None:
-        super().__init__(site.device)
+        super().__init__(site.device, site.length)
         self.k, self.v, self.pos, self.slot = k, v, pos, slot
-        self.n = torch.tensor(site.length, dtype=torch.int64, device=site.device)
         self.owned = owned  # the rows are this state's (counted here) rather than the policy's tier entries
         self.limit = limit  # the positions below it have a slot (None: every position the cache can write)
 
@@ -59,8 +58,7 @@ class KeptRows(StaticDecodeState):
         """One decode step: q [B, Hq, 1, D], the new token's K/V [B, Hkv, 1, D] at the device position pos [1], bias
         [B|1, Hq|1, 1, C] over the cache's capacity. Returns [B, Hq, 1, Dv]."""
         p = pos[:1]
-        self.bad |= p[0] != self.n
-        self.n.add_(1)
+        self.advance(p)
         s = self.slot(p)
         self.k.index_copy_(2, s, k_new[:, :, :1])
         self.v.index_copy_(2, s, v_new[:, :, :1])

@@ -77,13 +77,12 @@ class KVCompState(StaticDecodeState):
     ``kcap`` / ``vcap`` compressed tokens and ``rk`` / ``rv`` recent rows; ``cap``: the cache's capacity."""
 
     def __init__(self, policy, site, capacity: int, prev: KVCompState | None = None) -> None:
-        super().__init__(site.device)
+        super().__init__(site.device, site.length if prev is None else None)
         t, dev = site.tier, site.device
         self.policy, self.cap = policy, capacity
         kb, vb = policy.k_block, policy.v_block
         self.gk, self.gv = t["gk"], t["gv"]
         if prev is None:
-            self.n = torch.tensor(site.length, dtype=torch.int64, device=dev)
             self.nk = torch.tensor(t["nk"], dtype=torch.int64, device=dev)
             self.nv = torch.tensor(t["nv"], dtype=torch.int64, device=dev)
         else:  # mid-step (a block step that outgrew the views): the counters and the flag carry on
@@ -141,8 +140,7 @@ class KVCompState(StaticDecodeState):
         (from Python, with a host sync) and may replace ``site.tier["static"]``; the attention is then the new
         state's."""
         p = pos[:1]
-        self.bad |= p[0] != self.n
-        self.n.add_(1)
+        self.advance(p)
         vw = self.views
         # clamped: a flagged step must not write past the buffers
         vw["k_rec"].index_copy_(2, (p - self.nk).clamp(0, self.rk - 1), k_new[:, :, :1].to(vw["k_rec"].dtype))

@@ -8,7 +8,8 @@ built at the site's first static decode step from what the prefill left. The run
 - ``cur``: which of the state's alternating buffers the next step reads (SpeCache's two prefetch slots); a captured
   step is keyed by it, so a state with one buffer set (``cur`` always 0) needs one graph per sequence;
 - ``bad``: a device bool the state's steps raise when a write position was not the next one (no host read in a
-  step: ``Runtime.check_deferred`` folds every site's flag in and raises);
+  step: ``Runtime.check_deferred`` folds every site's flag in and raises); ``advance`` does it against ``n``, the
+  tokens seen, for a state built with ``tokens``;
 - ``replayed(site, steps)``: the host-side counters of steps a CUDA graph replayed without running Python;
 - ``fits(site)``: the next step has room in the state's buffers (False: the step must run from Python, which grows
   them; a replay would write past them);
@@ -28,12 +29,20 @@ _SERIALS = itertools.count(1)
 class StaticDecodeState:
     """Base class of a site's fixed-shape decode state (see the module docstring)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, tokens: int | None = None) -> None:
         # what graphs are keyed by: never reused, unlike id() (a state replaced twice before a capture could be
         # given the address of the first, and its graphs replayed over freed tensors)
         self.serial = next(_SERIALS)
         self.cur = 0
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        if tokens is not None:  # the tokens seen: what ``advance`` checks a write position against
+            self.n = torch.tensor(tokens, dtype=torch.int64, device=device)
+
+    def advance(self, p: torch.Tensor) -> None:
+        """The step's token at the device position ``p`` [1]: raise ``bad`` unless it is the next one, then count it
+        (device ops only: a replayed step checks its position too)."""
+        self.bad |= p[0] != self.n
+        self.n.add_(1)
 
     def replayed(self, site, steps: int) -> None:
         """Host-side bookkeeping for ``steps`` one-token steps a CUDA graph replayed: one stored row each."""
