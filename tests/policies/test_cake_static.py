@@ -12,6 +12,7 @@ import math
 import hf_models
 import pytest
 import torch
+from static_loops import greedy_over_static_cache
 from test_cake import kept, layer_inputs, make_policy, make_site, prefill
 from test_kept_static import test_a_write_at_a_wrong_position_is_raised as wrong_position_is_raised
 
@@ -93,21 +94,11 @@ def test_static_steps_over_a_hand_loop_equal_the_default_paths_logits():
     """A hand-written loop over one StaticCache (positions given by the loop), through the compiled call
     model.generate uses: the default path (decoding the same cache by host counts) and the static path give the same
     logits, and the static path's steps replay (capture=False emulation)."""
-    from transformers import StaticCache
-
     base = hf_models.build("llama", layers=2, seed=2).double()
     ids = _ids(40, 3)
 
     def loop(model):
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        logits, tok = [], out.logits[:, -1:].argmax(-1)
-        for p in range(40, 52):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
-                        cache_position=torch.tensor([p]))
-            logits.append(out.logits[:, -1:])
-            tok = out.logits[:, -1:].argmax(-1)
-        return torch.cat(logits, 1)
+        return greedy_over_static_cache(model, ids, 12, 64)
 
     m = _compile(base, OPTS)
     rt = specache.runtime_of(m)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hf_models
 import pytest
 import torch
+from static_loops import greedy_over_static_cache, site_after_plain_steps
 
 import specache
 from specache_compile.runtime.runtime import CacheMismatch
@@ -45,45 +46,25 @@ def test_model_generate_decodes_statically_and_equals_the_unmodified_model():
 def test_unwritten_store_rows_never_reach_the_output():
     """The store's rows past the written length are uninitialised memory (NaN here): the static state zeroes them, so
     the masked columns of the capacity contribute 0, never NaN."""
-    from transformers import StaticCache
-
     base = hf_models.build("llama", layers=2, seed=2).double()
     ids = _ids(30, 3)
 
-    def loop(model, poison):
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        if poison:
-            for site in specache.runtime_of(model).sites.values():
-                for buf in (site.k, site.v):
-                    buf.reserve(64)
-                    buf.data[:, :, site.length:] = float("nan")
-        logits, tok = [], out.logits[:, -1:].argmax(-1)
-        for p in range(30, 40):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
-                        cache_position=torch.tensor([p]))
-            logits.append(out.logits)
-            tok = out.logits[:, -1:].argmax(-1)
-        return torch.cat(logits, 1)
+    def poison(model):
+        for site in specache.runtime_of(model).sites.values():
+            for buf in (site.k, site.v):
+                buf.reserve(64)
+                buf.data[:, :, site.length:] = float("nan")
 
-    got = loop(_compile(base), poison=True)
+    got = greedy_over_static_cache(_compile(base), ids, 10, 64, after_prefill=poison)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, loop(base, poison=False), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, greedy_over_static_cache(base, ids, 10, 64), rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
 def test_a_write_at_a_wrong_position_is_raised():
-    from transformers import StaticCache
-
     base = hf_models.build("llama", layers=2, seed=4)
     m = _compile(base)
-    cache = StaticCache(config=m.config, max_cache_len=64)
-    ids = _ids(30, 5)
-    m(input_ids=ids, past_key_values=cache, use_cache=True)
-    m(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[30]]),
-      cache_position=torch.tensor([30]))
-    specache.stats(m)
-    site = next(iter(specache.runtime_of(m).sites.values()))
+    site = site_after_plain_steps(m, _ids(30, 5), 1)
     st = site.tier["static"]
     kv = torch.zeros(1, site.heads, 1, site.head_dim)
     st.step(site, torch.zeros(1, 4, 1, site.head_dim), kv, kv, torch.tensor([40]), torch.zeros(1, 1, 1, 64), 1.0)

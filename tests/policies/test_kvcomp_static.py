@@ -12,6 +12,7 @@ from __future__ import annotations
 import hf_models
 import pytest
 import torch
+from static_loops import greedy_over_static_cache, site_after_plain_steps
 
 import specache
 from specache_compile.policies.kvcomp_static import KVCompState, due
@@ -89,29 +90,11 @@ def test_static_steps_over_a_hand_loop_equal_the_default_paths_logits():
     """A hand-written loop over one StaticCache (positions given by the loop: a gpt-fast-style caller) equals the
     default path's logits over the same cache; a two-token call after the static steps is refused (no
     full-precision store to attend the earlier tokens), as the default path refuses it."""
-    from transformers import StaticCache
-
     base = hf_models.build("llama", layers=2, seed=2).double()
     ids = _ids(21, 3)
-
-    def loop(model):
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        logits, tok, p = [], out.logits[:, -1:].argmax(-1), 21
-        for _ in range(20):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
-                        cache_position=torch.tensor([p]))
-            p += 1
-            logits.append(out.logits[:, -1:])
-            tok = out.logits[:, -1:].argmax(-1)
-        with pytest.raises(CacheMismatch, match="keeps no full-precision"):
-            model(input_ids=torch.cat([tok, tok], 1), past_key_values=cache, use_cache=True,
-                  position_ids=torch.arange(p, p + 2)[None], cache_position=torch.arange(p, p + 2))
-        return torch.cat(logits, 1)
-
-    ref = loop(_compile(base, static=False))
+    ref = greedy_over_static_cache(_compile(base, static=False), ids, 20, 64, refuse_more=True)
     m = _compile(base)
-    got = loop(m)
+    got = greedy_over_static_cache(m, ids, 20, 64, refuse_more=True)
     # the attention accumulates in float32 over the views' unused (masked, zero-weight) entries too
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     rt = specache.runtime_of(m)
@@ -125,18 +108,9 @@ def test_static_steps_over_a_hand_loop_equal_the_default_paths_logits():
 def test_a_write_at_a_wrong_position_is_raised():
     """A static step writing anywhere but the next position (positions on the device: no host read to catch it) is
     flagged by the step and raised at the next check, not attended silently."""
-    from transformers import StaticCache
-
     base = hf_models.build("llama", layers=2, seed=4)
     m = _compile(base)
-    cache = StaticCache(config=m.config, max_cache_len=64)
-    ids = _ids(30, 5)
-    m(input_ids=ids, past_key_values=cache, use_cache=True)
-    for p in (30, 31):
-        m(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[p]]),
-          cache_position=torch.tensor([p]))
-    specache.stats(m)  # nothing flagged so far
-    site = next(iter(specache.runtime_of(m).sites.values()))
+    site = site_after_plain_steps(m, _ids(30, 5), 2)
     st = site.tier["static"]
     assert isinstance(st, KVCompState) and st.fits(site)  # position 32 compresses nothing
     q = torch.zeros(1, 4, 1, site.head_dim)
