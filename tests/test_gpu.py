@@ -178,20 +178,29 @@ def test_cuda_model_generate_replays_graphs_and_equals_eager(batch):
     assert g0["replayed"] == 0 and g1["captured"] == 2 and g1["replayed"] == (20 - 1 - 3) + (16 - 1 - 3), g1
 
 
+def _default_then_static(policy, new_tokens, statics=(False, "auto"), generate_kw=None, **compile_kw):
+    """model.generate's tokens after specache.compile with the policy's default path and then its static path
+    (policy_options static in ``statics``), float32, 700-token prompts, batch 2; and the last compiled model."""
+    base = _bigger(torch.float32)
+    ids = torch.randint(2, 128, (2, 700), device="cuda")
+    opts = compile_kw.pop("policy_options", {})
+    outs = []
+    for static in statics:
+        torch._dynamo.reset()
+        m = twin(base)
+        specache.compile(m, policy=policy, inner="inductor", policy_options={**opts, "static": static}, **compile_kw)
+        with torch.no_grad():
+            outs.append(m.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                   **(generate_kw or {})))
+    return outs, m
+
+
 def test_cuda_quant_static_path_replays_and_equals_its_default_path():
     """quant with policy_options static=True: SpeCache's static path without the fetch, its decode steps replayed as
     CUDA graphs under model.generate, gives the tokens of quant's default path (float32: both attend through the same
     Triton low-bit kernel, with their columns in another order)."""
-    base = _bigger(torch.float32)
-    ids = torch.randint(2, 128, (2, 700), device="cuda")
-    outs = []
-    for static in (False, True):
-        torch._dynamo.reset()
-        m = twin(base)
-        specache.compile(m, policy="quant", inner="inductor", policy_options={"static": static})
-        with torch.no_grad():
-            outs.append(m.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40,
-                                   cache_implementation="specache"))
+    outs, m = _default_then_static("quant", 40, statics=(False, True),
+                                   generate_kw={"cache_implementation": "specache"})
     assert torch.equal(outs[0], outs[1])
     assert specache.stats(m)["cuda_graphs"]["replayed"] == 40 - 1 - 3
 
@@ -201,15 +210,7 @@ def test_cuda_eviction_policy_replays_and_equals_its_default_path(policy, opts):
     """StreamingLLM and SnapKV under specache.compile + model.generate: their static path (policies/kept_static.py,
     the default where the cache is a StaticCache) replayed as CUDA graphs gives the tokens of the default path
     (static=False, a DynamicCache), float32, over prompts longer than the budget (SnapKV's slots grow once)."""
-    base = _bigger(torch.float32)
-    ids = torch.randint(2, 128, (2, 700), device="cuda")
-    outs = []
-    for static in (False, "auto"):
-        torch._dynamo.reset()
-        m = twin(base)
-        specache.compile(m, policy=policy, inner="inductor", policy_options={**opts, "static": static})
-        with torch.no_grad():
-            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    outs, m = _default_then_static(policy, 100, policy_options=opts)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     g = specache.stats(m)["cuda_graphs"]
     assert g["replayed"] >= 100 - 1 - 3 * g["captured"] and g["captured"] >= 1, g
@@ -351,17 +352,7 @@ def test_cuda_kcache_replays_and_equals_its_default_path(topk):
     the cache is a StaticCache: K at the capacity, V written to the pinned store and fetched by device index) replayed
     as CUDA graphs gives the tokens of the default path (static=False, a DynamicCache), float32, with a top-N below
     the 700..800 written positions (the selection matters) and one covering the cache's 1024."""
-    base = _bigger(torch.float32)
-    ids = torch.randint(2, 128, (2, 700), device="cuda")
-
-    def run(static):
-        torch._dynamo.reset()
-        m = specache.compile(twin(base), policy="kcache", topk=topk, inner="inductor",
-                             policy_options={"static": static})
-        with torch.no_grad():
-            return m, m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100)
-
-    (_, ref), (m, out) = run(False), run("auto")
+    (ref, out), m = _default_then_static("kcache", 100, topk=topk)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     st = specache.stats(m)
     g = st["cuda_graphs"]
@@ -378,15 +369,7 @@ def test_cuda_cake_replays_and_equals_its_default_path():
     cache is a StaticCache: B_l + S_w + 1 slots per site, the decode eviction computed on fixed shapes and applied by a
     device condition) replayed as CUDA graphs gives the tokens of the default path (static=False, a DynamicCache),
     float32, over prompts longer than the budget: the prefill evicts, then every decode step does."""
-    base = _bigger(torch.float32)
-    ids = torch.randint(2, 128, (2, 700), device="cuda")
-    outs = []
-    for static in (False, "auto"):
-        torch._dynamo.reset()
-        m = twin(base)
-        specache.compile(m, policy="cake", inner="inductor", policy_options={"budget": 256, "static": static})
-        with torch.no_grad():
-            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    outs, m = _default_then_static("cake", 100, policy_options={"budget": 256})
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     st = specache.stats(m)
     g = st["cuda_graphs"]
@@ -399,28 +382,32 @@ def test_cuda_cake_replays_and_equals_its_default_path():
     assert all(s["length"] == 700 + 99 and s["decode_steps"] == 99 for s in st["store"].values())
 
 
-def test_cuda_kvcomp_replays_and_equals_its_default_path():
+def test_cuda_kvcomp_replays_and_equals_its_default_path(monkeypatch):
     """KVComp under specache.compile + model.generate: its static path (policies/kvcomp_static.py, the default where
     the cache is a StaticCache: the compressed streams and recent buffers at fixed shapes, lengths on the device,
     the kernels over fixed views) replayed as CUDA graphs gives the tokens of the default path (static=False, a
     DynamicCache), float32, the paper's settings: a K block is compressed at positions 703 and 767 and a V block at
     767, on steps run from Python between the replays."""
-    base = _bigger(torch.float32)
-    ids = torch.randint(2, 128, (2, 700), device="cuda")
-    outs = []
-    for static in (False, "auto"):
-        torch._dynamo.reset()
-        m = twin(base)
-        specache.compile(m, policy="kvcomp", inner="inductor", policy_options={"static": static})
-        with torch.no_grad():
-            outs.append(m.generate(ids, max_new_tokens=100, do_sample=False, min_new_tokens=100))
+    from specache_compile.policies import kvcomp_static
+
+    # the steps at which some site's state was replaced mid-sequence (a stream outgrew its reserved words): each is
+    # proven and captured again
+    replaced = set()
+    init = kvcomp_static.KVCompState.__init__
+
+    def counting(self, policy, site, capacity, prev=None):
+        init(self, policy, site, capacity, prev)
+        if prev is not None:
+            replaced.add(site.length)
+
+    monkeypatch.setattr(kvcomp_static.KVCompState, "__init__", counting)
+    outs, m = _default_then_static("kvcomp", 100)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     st = specache.stats(m)
     rt = specache.runtime_of(m)
     state = next(iter(rt.sites.values())).tier["static"]
-    # a state replaced mid-sequence (a stream outgrew its reserved words) is proven and captured again
     g = st["cuda_graphs"]
-    more = g["captured"] - 1
+    more = len(replaced)
     # build, prove, capture, the two block steps, then replays
     assert g["captured"] == 1 + more and g["replayed"] == 100 - 1 - 3 - 2 - 2 * more, g
     if not more:
