@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..runtime.state import StaticDecodeState
-from .streaming import kept_attention
+from .streaming import kept_attention, kept_bias
 
 # Where a step attends through torch's SDPA (one fused kernel over the slots) instead of the policies' reference
 # attention (float32 matmuls and softmax, ~15 small kernels a layer, whose GPU time and gaps exceed a full-cache
@@ -74,23 +74,12 @@ class KeptRows(StaticDecodeState):
 
 
 def _sdpa_over_slots(q, k, v, pos, bias, scale):
-    """``kept_attention`` over the slots through SDPA: the bias over the capacity read at each slot's position, empty
-    slots masked. Never a row with every slot masked (the step's own token holds a slot), so SDPA's NaN for such a
-    row cannot arise. q [B, Hq, 1, D], k/v [B, Hkv, N, D], pos [B|1, Hkv|1, N], bias [B|1, Hq|1, 1, C]."""
-    b, hq = q.shape[:2]
-    hkv, n = k.shape[1], k.shape[2]
-    rep = hq // hkv
-    rel = pos.clamp(min=0)
-    if rel.shape[0] == 1 and rel.shape[1] == 1:
-        extra = bias.index_select(-1, rel.reshape(-1))
-        empty = (pos < 0).reshape(1, 1, 1, n)
-    else:
-        idx = rel.repeat_interleave(rep, dim=1).unsqueeze(2)
-        extra = bias.expand(b, hq, 1, bias.shape[-1]).gather(3, idx)
-        empty = (pos < 0).repeat_interleave(rep, dim=1).unsqueeze(2)
-    mask = extra.masked_fill(empty, float("-inf")).to(q.dtype)
+    """``kept_attention`` over the slots through SDPA (the same mask, ``kept_bias``). Never a row with every slot
+    masked (the step's own token holds a slot), so SDPA's NaN for such a row cannot arise. q [B, Hq, 1, D], k/v
+    [B, Hkv, N, D], pos [B|1, Hkv|1, N], bias [B|1, Hq|1, 1, C]."""
+    mask = kept_bias(q, pos, bias, 0, bias.shape[-1]).to(q.dtype)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                            enable_gqa=rep > 1)
+                                                            enable_gqa=q.shape[1] > k.shape[1])
 
 
 def streaming_state(policy, site) -> KeptRows:

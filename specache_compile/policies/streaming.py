@@ -115,9 +115,15 @@ def kept_attention(
 
     bias (the model's, over positions [lo, hi)) is gathered at each row's position. Returns [B, Hq, Sq, Dv].
     """
-    # q: [B, Hq, Sq, D]; k, v: [B, Hkv, N, D]; pos: [B|1, Hkv|1, N] int64 (-1: empty); bias: [B|1, Hq|1, Sq, hi-lo]
+    return ops.sparse_attention(q, k, v, kept_bias(q, pos, bias, lo, hi), scale)
+
+
+def kept_bias(q: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """The additive float32 mask of ``kept_attention``: the model's bias read at each kept row's position, -inf for
+    a row holding nothing or a position outside [lo, hi). Broadcastable to [B, Hq, Sq, N]."""
+    # q: [B, Hq, Sq, D]; pos: [B|1, Hkv|1, N] int64 (-1: empty); bias: [B|1, Hq|1, Sq, hi-lo]
     b, hq, sq = q.shape[:3]
-    hkv, n = k.shape[1], k.shape[2]
+    hkv, n = pos.shape[1], pos.shape[2]
     rep = hq // hkv
     valid = (pos >= lo) & (pos < hi)
     extra = torch.zeros(valid.shape, dtype=torch.float32, device=q.device).masked_fill_(~valid, float("-inf"))
@@ -131,7 +137,7 @@ def kept_attention(
         else:
             idx = rel.repeat_interleave(rep, dim=1).unsqueeze(2).expand(b, hq, sq, n)
             extra = extra + bias.float().expand(b, hq, sq, hi - lo).gather(3, idx)
-    return ops.sparse_attention(q, k, v, extra, scale)
+    return extra
 
 
 @register_policy
