@@ -16,7 +16,7 @@ positions).
 from __future__ import annotations
 
 from ..kernels import ops
-from ..kernels.quant_ops import scatter_rows_static
+from ..kernels.quant_ops import read_rows_from_host, scatter_rows_static
 from ..runtime.state import StaticDecodeState, parse_static
 from .base import Policy, register_policy
 
@@ -82,9 +82,12 @@ class FullStatic(StaticDecodeState):
         scatter_rows_static(k_new[:, :, :1], p, site.k.data)
         scatter_rows_static(v_new[:, :, :1], p, site.v.data)
         c, dev = self.capacity, q.device
-        # from pinned memory: asynchronous, ordered after the writes above on the same stream
-        k = site.k.data.narrow(2, 0, c).to(dev, non_blocking=True)
-        v = site.v.data.narrow(2, 0, c).to(dev, non_blocking=True)
+        # from pinned memory: asynchronous, ordered after the writes above on the same stream. Through the slab reader:
+        # a store reserved past the capacity makes the range a non-contiguous view, which ``.to`` would stage through
+        # pageable memory (a blocking copy, and one a CUDA graph capture refuses)
+        pinned = site.k.pin
+        k = read_rows_from_host(site.k.data.narrow(2, 0, c), dev, pinned)
+        v = read_rows_from_host(site.v.data.narrow(2, 0, c), dev, pinned)
         site.stats.fetched_rows += self.rows
         site.stats.fetched_bytes += self.nbytes_step
         return ops.sparse_attention(q, k, v, bias, scale)
