@@ -154,9 +154,10 @@ def available(name: str) -> bool:
     spec = _spec(name)
     if _missing_loaders():
         return False
+    if (cache_dir() / spec.gguf).is_file():
+        return True
     if spec.part_modules:
-        target = cache_dir() / spec.gguf
-        return target.is_file() or all(p is not None for p in _parts(spec))
+        return all(p is not None for p in _parts(spec))
     return _source(spec) is not None
 
 
@@ -197,8 +198,10 @@ def path(name: str) -> Path:
     parts). Raises :class:`ModelNotInstalled` (with the command that installs it) or ValueError on a hash mismatch."""
     spec = _spec(name)
     file = _source(spec)
-    if spec.part_modules and file is None and (cache_dir() / spec.gguf).is_file():
-        file = cache_dir() / spec.gguf  # assembled earlier (or carried), parts since uninstalled
+    if file is None and (cache_dir() / spec.gguf).is_file():
+        # assembled earlier, or carried to a machine where nothing can be installed (a lent GPU): the pinned sha256
+        # below decides whether it is the model
+        file = cache_dir() / spec.gguf
     if file is None:
         raise ModelNotInstalled(
             f"specache models {name}: expected the packages {', '.join(p.split('==')[0] for p in spec.packages)} "

@@ -76,6 +76,24 @@ def test_not_installed_says_the_command_that_installs_it(fake_parts, monkeypatch
         models.load("fake")
 
 
+def test_a_carried_file_in_the_cache_folder_is_used_when_verified(tmp_path, monkeypatch):
+    """A single-file model's GGUF copied into the cache folder (carried to a machine where nothing installs) loads
+    without its wheel, checked against the pinned sha256; another file of that name is refused."""
+    data = b"GGUF" + bytes(range(256)) * 8
+    spec = models.ModelSpec(name="one", gguf="one.gguf", packages=("one-wheel",), sha256=hashlib.sha256(data).hexdigest(),
+                            module="one_wheel")
+    monkeypatch.setitem(models.MODELS, "one", spec)
+    monkeypatch.setattr(models, "_module_dir", lambda module: None)
+    monkeypatch.setattr(models, "_missing_loaders", lambda: [])
+    monkeypatch.setenv("SPECACHE_CACHE", str(tmp_path))
+    assert not models.available("one")
+    (tmp_path / "one.gguf").write_bytes(data)
+    assert models.available("one") and models.path("one") == tmp_path / "one.gguf"
+    (tmp_path / "one.gguf").write_bytes(data[:-1])
+    with pytest.raises(ValueError, match="expected .*one.gguf to have sha256"):
+        models.path("one")
+
+
 def test_fetch_runs_pip_with_no_deps_then_verifies(fake_parts, monkeypatch):
     data, dirs = fake_parts
     installed = {}
