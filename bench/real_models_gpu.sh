@@ -14,9 +14,8 @@ case ${1:-run} in
   split)
     rm -rf .carry/m*
     i=0
-    for f in "$HOME/.cache/specache/SmolLM2-135M-Instruct.Q4_1.gguf" "$HOME/.cache/specache/gemma-3-270m-q4_k_m.gguf"; do
-      [ -f "$f" ] || f=$(python3 -c "from specache_compile import models; import sys; print(models.path(sys.argv[1]))" \
-        "$([ "${f##*/}" = SmolLM2-135M-Instruct.Q4_1.gguf ] && echo smollm2-135m || echo gemma3-270m)")
+    for m in smollm2-135m gemma3-270m; do
+      f=$(python3 -c "from specache_compile import models; print(models.path('$m'))") || exit  # verified, assembled
       tmp=$(mktemp -d); split -b "${part_mb}M" -d -a 2 "$f" "$tmp/${f##*/}.p"
       for p in "$tmp"/*; do mkdir -p ".carry/m$i"; mv "$p" ".carry/m$i/"; i=$((i + 1)); done
       rmdir "$tmp"
@@ -33,11 +32,16 @@ case ${1:-run} in
     done
     ls -la "$SPECACHE_CACHE"
     # convert once per model (dequantized, saved under $SPECACHE_CACHE) before the parallel runs read it
+    loaded=""
     for m in smollm2-135m gemma3-270m; do
-      timeout 200 python3 -c "from specache_compile import models; models.load('$m'); print('$m loaded')" 2>&1 | tail -2
+      if timeout 200 python3 -c "from specache_compile import models; models.load('$m')" >"$OUT/load_$m.log" 2>&1; then
+        loaded="$loaded $m"
+      else
+        echo "$m: not loaded (its parts not all carried?): $(tail -n 1 "$OUT/load_$m.log" | cut -c1-200)"
+      fi
     done
     pols="baseline specache specache:bits=1 quant snapkv:budget=0.15 streaming:budget=0.15 kcache cake:budget=0.15"
-    for m in smollm2-135m gemma3-270m; do
+    for m in $loaded; do
       if [ "$m" = smollm2-135m ]; then cs="1024 2048 4096 8192"; else cs="4096 8192 16384 32768"; fi
       d="$OUT/real_$m"; mkdir -p "$d"
       for p in $pols; do
@@ -48,8 +52,8 @@ case ${1:-run} in
       done
     done
     wait
-    for m in smollm2-135m gemma3-270m; do
-      echo "$m: rows=$(cat "$OUT/real_$m"/*.jsonl 2>/dev/null | wc -l)"; tail -2 "$OUT/real_$m"/*.log | cut -c1-200
+    for m in $loaded; do
+      echo "$m: rows=$(cat "$OUT/real_$m"/*.jsonl 2>/dev/null | wc -l)"; tail -n 2 "$OUT/real_$m"/*.log | cut -c1-200
       tar czf "$OUT/real_$m.tgz" -C "$OUT" "real_$m" && rm -rf "${OUT:?}/real_$m"
     done ;;
 esac

@@ -80,8 +80,8 @@ def test_a_carried_file_in_the_cache_folder_is_used_when_verified(tmp_path, monk
     """A single-file model's GGUF copied into the cache folder (carried to a machine where nothing installs) loads
     without its wheel, checked against the pinned sha256; another file of that name is refused."""
     data = b"GGUF" + bytes(range(256)) * 8
-    spec = models.ModelSpec(name="one", gguf="one.gguf", packages=("one-wheel",), sha256=hashlib.sha256(data).hexdigest(),
-                            module="one_wheel")
+    spec = models.ModelSpec(name="one", gguf="one.gguf", packages=("one-wheel",),
+                            sha256=hashlib.sha256(data).hexdigest(), module="one_wheel")
     monkeypatch.setitem(models.MODELS, "one", spec)
     monkeypatch.setattr(models, "_module_dir", lambda module: None)
     monkeypatch.setattr(models, "_missing_loaders", lambda: [])
