@@ -32,6 +32,8 @@ fetch time. Methods:
   ``hf-generate-specache:static=true``): ``specache.compile`` then an unchanged ``model.generate`` (the cache is
   whatever the compiled model's generate picks: specache's bucketed StaticCache for a static policy); the rows add
   ``graphs_compiled`` (Dynamo graphs the row compiled) beside ``compile_s`` and ``prefill_s`` (the first call);
+  ``hf-generate-torch.compile``: plain ``torch.compile(model.forward)`` under the same loop, the first-call
+  reference (the unmodified model's first call plus plain torch.compile's compile time);
 - any of these but ``full`` / ``hf-offloaded`` with overrides after a colon, as in the eval harness:
   ``specache-graph:bits=1`` (Config fields), ``specache-graph:hit_every=1`` (policy options; the static path samples
   prefetch hits only then).
@@ -484,7 +486,9 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             key = method
             if key not in compiled:
                 m = shared_copy(base)
-                if method != "hf-generate":  # hf-generate-<policy spec>: specache.compile, then the same loop
+                if method == "hf-generate-torch.compile":  # the first-call reference: plain torch.compile(model)
+                    m.forward = torch.compile(m.forward)
+                elif method != "hf-generate":  # hf-generate-<policy spec>: specache.compile, then the same loop
                     name, overrides = parse_policy(method[len("hf-generate-"):])
                     specache.compile(m, policy=name, inner=args.inner, **overrides)
                 compiled[key] = m
@@ -492,7 +496,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
             graphs0 = counters["stats"]["unique_graphs"]
             cache = hf_generate(m, ids, total, on_step)
             row["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs0
-            if method == "hf-generate":
+            if method in ("hf-generate", "hf-generate-torch.compile"):
                 kv_dev = cache_bytes(cache, dev.type)
             else:
                 mem = specache.memory(m)
@@ -557,6 +561,7 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
         "hbm_peak_gbps": args.hbm_peak,
         "inner": ("inductor" if method.startswith("full") else "eager" if method in ("hf-offloaded", "hf-generate")
+                  else "inductor" if method == "hf-generate-torch.compile"
                   else args.inner),
     })
     if "p" in prof:

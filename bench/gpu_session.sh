@@ -67,7 +67,7 @@ for step in $steps; do
       pytest_gpu gpu_codec 120 tests/runtime/test_host_codec.py tests/kernels/test_triton_kvcomp.py ;;
     exact)  # exact_attention in pieces of query rows (a prefill mask over 2^30 elements) equals one call
       pytest_gpu gpu_exact 90 tests/test_gpu.py -k exact_attention ;;
-    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows | graph_rows | graph_b8 | hf_generate | hf_generate2)
+    baselines | offloaded | dynamic | noprefetch | noprefetch128 | graph | graph1 | full2 | policies | codec | policies128 | policies128b | rows | graph_rows | graph_b8 | hf_generate | hf_generate_b8 | hf_generate2)
       # decode rows, one method set per step; each step's limit is measured from earlier runs (rows written one by one:
       # a cut step keeps its finished rows). The full cache's rows (baselines, or full2 on a second machine) must come
       # from the same machine as the rows they are compared with.
@@ -91,11 +91,16 @@ for step in $steps; do
         graph_b8) ms="full-graph full-flash specache-graph"; cs="32768"; bs=8; lim=${ROWS_LIMIT:-420} ;;
         # model.generate: the unmodified model, specache's defaults (static path, decode graphs), the full policy, and
         # the strongest baseline in the same process
+        # (no timed fetch: its synchronising events would be the host gaps these rows measure)
         hf_generate) ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
-          cs=${ROWS_CONTEXTS:-$all}; lim=${ROWS_LIMIT:-540} ;;
+          cs=${ROWS_CONTEXTS:-$all}; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
+        hf_generate_b8) ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
+          cs=${ROWS_CONTEXTS:-32768}; bs=8; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
         # the other policies' static paths under model.generate, and the unmodified model's own loop
-        hf_generate2) ms="hf-generate-cake hf-generate-kcache hf-generate-kvcomp hf-generate-full hf-generate"
-          cs=${ROWS_CONTEXTS:-"8192 32768"}; lim=${ROWS_LIMIT:-540} ;;
+        # plain torch.compile(model) under the same loop: the first-call reference (compile_s, prefill_s)
+        hf_generate2) ms=${ROWS_METHODS:-"hf-generate-cake hf-generate-kcache hf-generate-kvcomp hf-generate-full hf-generate
+          hf-generate-torch.compile"}
+          cs=${ROWS_CONTEXTS:-"8192 32768"}; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
       esac
       # shellcheck disable=SC2086
       timeout $lim python bench/decode.py --methods $ms --contexts $cs --batches $bs --steps 6 --warmup 3 $fetch --profile-steps 1 \
