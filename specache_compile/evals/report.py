@@ -12,6 +12,10 @@ that model ran, so a line across contexts compares like with like. A method is a
 that context); peer rows (:mod:`specache_compile.evals.peers`: ``kvpress:<press>``,
 ``hf-quantized-cache:<backend>,nbits=N``, ``transformers:full_cache``; in accuracy_real.jsonl, and the first 1K ones in
 ``accuracy_real_peers_cpu.jsonl``) are methods of their own.
+
+Rows of different devices never share a cell (CPU float32 and GPU bfloat16 grids differ in dtype and in which tasks
+ran): each (model, device) gets its own table and figure, ``accuracy_real_<model>.png`` for CPU rows and
+``accuracy_real_<model>_<device>.png`` for a GPU's (``--devices`` picks some).
 """
 
 from __future__ import annotations
@@ -94,6 +98,12 @@ def cells(rows: list[dict], model: str, tasks: list[str]) -> dict[tuple[str, int
             "shas": sorted({r["git_sha"][:7] if r.get("git_sha") else "peers" for rs in by_task.values() for r in rs}),
         }
     return out
+
+
+def device_slug(device: str) -> str:
+    """The figure's file-name suffix for a device: none for the CPU, its last word lowercased for a GPU
+    ("NVIDIA H200" -> "_h200")."""
+    return "" if device == "cpu" else "_" + device.split()[-1].lower().replace("/", "-")
 
 
 def _ctx(c: int) -> str:
@@ -179,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=None, help="default: the tasks every context of a model ran")
     p.add_argument("--contexts", nargs="+", type=int, default=None, help="default: every context in the rows")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the figures (accuracy_real_<model>.png)")
+    p.add_argument("--devices", nargs="+", default=None,
+                   help="default: every device in the rows (cpu, or a GPU's name as the rows spell it)")
     p.add_argument("--no-figures", action="store_true", help="the table only")
     args = p.parse_args(argv)
     rows = load(args.rows or sorted(RESULTS.glob("accuracy_real*.jsonl")))
@@ -186,11 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         raise ValueError("specache_compile.evals.report: expected RULER rows in the rows files, got none; fix: run "
                          "specache eval --suite ruler first")
-    for model in args.models or list(dict.fromkeys(r["model"] for r in rows)):
-        tasks = args.tasks or common_tasks(rows, model)
-        print(table(rows, model, tasks) + "\n")
-        if not args.no_figures:
-            figure(rows, model, tasks, args.out / f"accuracy_real_{model}.png")
+    devices = args.devices or list(dict.fromkeys(r.get("device", "cpu") for r in rows))
+    for device in devices:
+        mine = [r for r in rows if r.get("device", "cpu") == device]
+        for model in args.models or list(dict.fromkeys(r["model"] for r in mine)):
+            if not any(r["model"] == model for r in mine):
+                continue
+            tasks = args.tasks or common_tasks(mine, model)
+            print(f"{model} on {device}:\n" + table(mine, model, tasks) + "\n")
+            if not args.no_figures:
+                figure(mine, model, tasks, args.out / f"accuracy_real_{model}{device_slug(device)}.png")
     return 0
 
 

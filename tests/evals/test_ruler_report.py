@@ -68,3 +68,17 @@ def test_a_later_budget_of_one_method_is_its_cell():
                                                                                 comp=9.0)]
     got = report.cells(rows, "m", ["a", "b"])
     assert got[("snapkv", 4096)]["compression"] == 9.0 and got[("snapkv", 4096)]["score"] == 0.0
+
+
+def test_devices_get_tables_and_figures_of_their_own(tmp_path, capsys):
+    """CPU float32 rows and GPU bfloat16 rows never share a cell: each device has its own table and figure."""
+    path = tmp_path / "accuracy_real.jsonl"
+    gpu = [{**r, "device": "NVIDIA H200", "score": 0.0} for r in _rows()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*_rows(), *gpu]))
+    assert report.main(["--rows", str(path), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "m on cpu:" in out and "m on NVIDIA H200:" in out
+    assert "| full cache | 0.50 (2) | 0.50 (2) |" in out and "| full cache | 0.00 (2) | 0.00 (2) |" in out
+    assert (tmp_path / "accuracy_real_m.png").exists() and (tmp_path / "accuracy_real_m_h200.png").exists()
+    assert report.main(["--rows", str(path), "--devices", "cpu", "--no-figures"]) == 0
+    assert "H200" not in capsys.readouterr().out
