@@ -560,9 +560,8 @@ def run_row(method, base, ctx, batch, args, compiled: dict):
         "prefill_s": prof["prefill_end"] - t0 if "prefill_end" in prof else None,
         "compile_s": _compile_seconds() - compile0,  # Dynamo + inner compiler time spent inside this row
         "hbm_peak_gbps": args.hbm_peak,
-        "inner": ("inductor" if method.startswith("full") else "eager" if method in ("hf-offloaded", "hf-generate")
-                  else "inductor" if method == "hf-generate-torch.compile"
-                  else args.inner),
+        "inner": ("inductor" if method.startswith("full") or method == "hf-generate-torch.compile"
+                  else "eager" if method in ("hf-offloaded", "hf-generate") else args.inner),
     })
     if "p" in prof:
         # self time only: with --host-profile the CPU ops are recorded too, and an op's device_time_total holds its

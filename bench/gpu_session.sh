@@ -73,6 +73,7 @@ for step in $steps; do
       # from the same machine as the rows they are compared with.
       all="8192 32768 131072"; pol="quant kcache kvcomp cake streaming snapkv specache-cake specache:host_codec=kvcomp"
       fetch="--timed-fetch 2"; bs=1
+      hf_ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
       case $step in
         baselines) ms="full full-flash"; cs=$all; lim=400; fetch="--timed-fetch 0" ;;
         offloaded) ms="hf-offloaded"; cs=$all; lim=170 ;;
@@ -91,11 +92,9 @@ for step in $steps; do
         graph_b8) ms="full-graph full-flash specache-graph"; cs="32768"; bs=8; lim=${ROWS_LIMIT:-420} ;;
         # model.generate: the unmodified model, specache's defaults (static path, decode graphs), the full policy, and
         # the strongest baseline in the same process
-        # (no timed fetch: its synchronising events would be the host gaps these rows measure)
-        hf_generate) ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
-          cs=${ROWS_CONTEXTS:-$all}; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
-        hf_generate_b8) ms="hf-generate-specache full-graph hf-generate-quant hf-generate-streaming hf-generate-snapkv"
-          cs=${ROWS_CONTEXTS:-32768}; bs=8; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
+        # (no timed fetch: these rows compare step and GPU busy time; its extra synchronised steps only add device time)
+        hf_generate) ms=$hf_ms; cs=${ROWS_CONTEXTS:-$all}; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
+        hf_generate_b8) ms=$hf_ms; cs=${ROWS_CONTEXTS:-32768}; bs=8; lim=${ROWS_LIMIT:-540}; fetch="--timed-fetch 0" ;;
         # the other policies' static paths under model.generate, and the unmodified model's own loop
         # plain torch.compile(model) under the same loop: the first-call reference (compile_s, prefill_s)
         hf_generate2) ms=${ROWS_METHODS:-"hf-generate-cake hf-generate-kcache hf-generate-kvcomp hf-generate-full hf-generate
