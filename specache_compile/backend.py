@@ -56,7 +56,7 @@ def specache_backend(
             return None
         return runtime.param_modules.get(id(x)) or "attention"  # torch.compile path: no names (Runtime.owner_site)
 
-    reports = rewrite(gm, runtime.handle, param_module)
+    reports = rewrite(gm, runtime.handle, param_module, runtime.config.sliding_layers)
     for r in reports:
         runtime.graph_stats.setdefault(r.site, []).append(r)
     inner = _inner(runtime.config, example_inputs)

@@ -58,6 +58,10 @@ class Config:
     cuda_graphs: replay the compiled model's one-token decode steps as CUDA graphs, under ``model.generate`` or any
         loop, where the policy decodes through fixed-shape state on CUDA (specache_compile/decode_graphs.py). Off:
         every step runs the compiled graph and the runtime from Python.
+    sliding_layers: what becomes of a sliding-window layer (one whose cache keeps only its last tokens, as Gemma-3's
+        local layers and transformers' DynamicSlidingWindowLayer do). "model" (default): it keeps its original code
+        and the model's own window cache, which holds fewer device bytes than any policy's state over the whole
+        history; it is counted as skipped with that reason. "rewrite": the policy takes it like any other layer.
     policy_options: extra hyperparameters for non-default policies, by name.
     """
 
@@ -74,6 +78,7 @@ class Config:
     inner: Inner = Inner.AUTO
     measure_error: bool = False
     cuda_graphs: bool = True
+    sliding_layers: str = "model"
     policy_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,9 @@ class Config:
         for name in ("speculative", "lowbit_remainder", "measure_error", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"specache.Config.{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.sliding_layers not in ("model", "rewrite"):
+            raise ValueError(f"specache.Config.sliding_layers: expected 'model' or 'rewrite', got "
+                             f"{self.sliding_layers!r}")
         if not isinstance(self.policy_options, dict):
             raise ValueError(f"specache.Config.policy_options: expected a dict, got {type(self.policy_options)}")
 

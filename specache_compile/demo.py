@@ -191,7 +191,7 @@ def run(args) -> int:
 
     import specache
 
-    from .evals.harness import kv_bytes_full
+    from .evals.harness import kv_bytes_device, kv_bytes_full
 
     console = Console()
     name, note = pick_model(args.model)
@@ -232,7 +232,8 @@ def run(args) -> int:
         ours = generate(model, ids, args.new_tokens, tok, lambda: progress.advance(bar))
         progress.update(bar, total=len(ours.tokens), completed=len(ours.tokens))
     st = specache.stats(model)
-    console.print(_table(args, full, ours, st, kv_bytes_full(model, total_len), prompt))
+    console.print(_table(args, full, ours, st, kv_bytes_full(model, total_len), kv_bytes_device(model, total_len),
+                         prompt))
     on_cuda = args.device.startswith("cuda")
     if not on_cuda:
         console.print("On CPU the device and the host are the same memory: the KV line is what would stay on a GPU "
@@ -250,7 +251,8 @@ def _check_fits(name: str, limit: int | None, prompt_len: int, new_tokens: int) 
                         "less")
 
 
-def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, prompt: Prompt):
+def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, dev: int, prompt: Prompt):
+    """``dev``: specache's device KV bytes, the model's own cache of any attention left alone included."""
     from rich.table import Table
 
     label = "specache" if args.policy == "specache" else f"specache ({args.policy})"
@@ -265,7 +267,6 @@ def _table(args, full: Run | None, ours: Run, st: dict, full_bytes: int, prompt:
         table.add_row(what, *([theirs] if full is not None else []), mine)
 
     where = "GPU" if args.device.startswith("cuda") else "device (CPU)"
-    dev = st["bytes"]["device"]
     smaller = (f", {full_bytes / dev:.1f}x smaller" + ("" if full is not None else " than the full cache")) if dev \
         else ""
     row(f"KV cache on the {where}", _fmt_bytes(dev) + smaller, _fmt_bytes(full_bytes))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import sys
 import time
 import zlib
@@ -64,16 +65,32 @@ def parse_policy(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def kv_bytes_full(model, length: int, batch: int = 1) -> int:
-    """Bytes of the model's own full-precision KV cache at ``length`` tokens. A sliding-window layer (Gemma-3's
-    ``layer_types``) holds at most its window, as transformers' DynamicSlidingWindowLayer does."""
+def kv_bytes_full(model, length: int, batch: int = 1, layers: set[int] | None = None) -> int:
+    """Bytes of the model's own full-precision KV cache at ``length`` tokens (of ``layers`` only, by index, if given).
+    A sliding-window layer (Gemma-3's ``layer_types``) holds at most its window, as transformers'
+    DynamicSlidingWindowLayer does."""
     cfg = model.config
     heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     window = getattr(cfg, "sliding_window", None)
     kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    tokens = sum(min(length, window) if k == "sliding_attention" and window else length for k in kinds)
+    tokens = sum(min(length, window) if k == "sliding_attention" and window else length
+                 for i, k in enumerate(kinds) if layers is None or i in layers)
     return 2 * heads * head_dim * tokens * batch * model.dtype.itemsize
+
+
+def kv_bytes_device(model, length: int, batch: int = 1) -> int:
+    """KV bytes a specache-compiled model holds on the device at ``length`` tokens: the policy's device tier for the
+    rewritten attentions plus the model's own cache for each one left alone (a sliding-window layer by default)."""
+    import specache
+
+    st = specache.stats(model)
+    left = [name for name, s in st["sites"].items() if s["status"] != "rewritten"]
+    layers = {int(m.group(1)) for name in left if (m := re.search(r"layers\.(\d+)\.", name))}
+    if len(layers) != len(left):
+        raise ValueError(f"specache eval: expected every attention left alone to name its layer ('layers.<i>.'), got "
+                         f"{sorted(left)}; fix: count those layers' own cache bytes for this model by hand")
+    return st["bytes"]["device"] + (kv_bytes_full(model, length, batch, layers) if layers else 0)
 
 
 def load_model(name: str, dtype: torch.dtype, device: str):
@@ -155,9 +172,7 @@ class Runner:
         """Full-precision KV bytes at ``length`` / KV bytes specache keeps on the device (None: nothing kept)."""
         if self.name == "baseline":
             return 1.0
-        import specache
-
-        dev = specache.memory(self.model)["device"]
+        dev = kv_bytes_device(self.model, length)
         return kv_bytes_full(self.model, length) / dev if dev else None
 
     def prefetch_hit_rate(self) -> float | None:

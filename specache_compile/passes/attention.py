@@ -36,7 +36,7 @@ from torch._dynamo.utils import counters
 
 from .. import attend_op  # noqa: F401  (registers torch.ops.specache.attend / refuse)
 from ..kernels import ops  # noqa: F401  (registers the kernels' ops)
-from .kv_source import INDEX, KVSource, Skip, check_pair, ev, is_fn, is_method, peel, resolve, shape_only_users
+from .kv_source import INDEX, WINDOW, KVSource, Skip, check_pair, ev, is_fn, is_method, peel, resolve, shape_only_users
 
 log = logging.getLogger("specache")
 
@@ -395,9 +395,16 @@ def _erase_dead(graph: fx.Graph, candidates: list[fx.Node]) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, handle: int, param_module=None) -> list[SiteReport]:
+_SLIDING_KEPT = ("a sliding-window layer: the model's own cache already keeps only its last tokens on the device, "
+                 "fewer bytes than any policy's state over the whole history (sliding_layers='model'; "
+                 "sliding_layers='rewrite' rewrites it)")
+
+
+def rewrite(gm: fx.GraphModule, handle: int, param_module=None, sliding_layers: str = "model") -> list[SiteReport]:
     """Rewrite every attention of ``gm`` it can; returns a report per attention found. ``param_module`` maps a graph
-    input holding a parameter to its attention module's path (site names where Dynamo recorded no module stack)."""
+    input holding a parameter to its attention module's path (site names where Dynamo recorded no module stack).
+    ``sliding_layers="model"`` leaves an attention whose cache keeps a tail slice (a sliding-window layer) to the
+    model's own cache; ``"rewrite"`` rewrites it like any other."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     reports: list[SiteReport] = []
@@ -412,6 +419,11 @@ def rewrite(gm: fx.GraphModule, handle: int, param_module=None) -> list[SiteRepo
                 raise match
             ks, vs = resolve(match.k, match.node, order), resolve(match.v, match.node, order)
             check_pair(ks, vs)
+            if ks.mode == WINDOW and sliding_layers == "model":
+                reports.append(SiteReport(name, kind, "skipped", _SLIDING_KEPT))
+                counters["specache"]["attention_sliding_kept"] += 1
+                log.info("specache: attention %s (%s) is %s", name, kind, _SLIDING_KEPT)
+                continue
             _check_shapes(match, ks)
             for src in (ks, vs):
                 allowed = set(src.chain) | set(match.chain) | {match.node, *src.writers}

@@ -119,3 +119,4 @@ def test_model_names_and_sliding_window_kv_bytes():
     per_token = 2 * 256 * 4
     assert kv_bytes_full(model, 100) == 3 * 100 * per_token
     assert kv_bytes_full(model, 4096) == (512 + 512 + 4096) * per_token  # a sliding layer holds its window only
+    assert kv_bytes_full(model, 4096, layers={0, 2}) == (512 + 4096) * per_token  # of the named layers only

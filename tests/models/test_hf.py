@@ -71,6 +71,15 @@ def assert_all_rewritten(model, steps_at_least: int):
     return st
 
 
+# architectures whose tiny configs have sliding-window layers: the tests below rewrite them too (by default they keep
+# the model's own window cache: test_sliding_layers_keep_the_models_window_cache_by_default)
+SLIDING = {"mistral", "gemma3"}
+
+
+def rewrite_sliding(arch: str) -> dict:
+    return {"sliding_layers": "rewrite"} if arch in SLIDING else {}
+
+
 @pytest.mark.parametrize("arch, attn, cache", _full_matrix())
 def test_full_policy_matches_unmodified(arch, attn, cache):
     model = build(arch, attn)
@@ -78,7 +87,7 @@ def test_full_policy_matches_unmodified(arch, attn, cache):
     ids, mask = padded_batch()
     with torch.no_grad():
         want, toks = decode_loop(ref, ids, mask, make_cache(cache, ref), STEPS)
-        specache.compile(model, policy="full")
+        specache.compile(model, policy="full", **rewrite_sliding(arch))
         got, _ = decode_loop(model, ids, mask, make_cache(cache, model), STEPS, forced=toks)
 
     if arch == "mistral" and cache == "static":
@@ -116,7 +125,7 @@ def compiled_and_unmodified(arch, attn, steps, **compile_kw):
     ids, mask = padded_batch()
     with torch.no_grad():
         want, toks = decode_loop(ref, ids, mask, make_cache("dynamic", ref), steps)
-        specache.compile(model, **({"policy": "full"} | compile_kw))
+        specache.compile(model, **({"policy": "full"} | rewrite_sliding(arch) | compile_kw))
         got, _ = decode_loop(model, ids, mask, make_cache("dynamic", model), steps, forced=toks)
     return model, got, want
 
@@ -143,14 +152,45 @@ def test_more_architectures_match_unmodified(arch, policy):
 def test_model_generate_defaults_rewrite_every_attention(arch):
     """specache.compile with its defaults, then an unchanged model.generate: the cache it picks (the bucketed
     StaticCache and the static path, or the DynamicCache for a sliding-window model) leaves no attention alone, and
-    with a covering top-k the greedy tokens are the unmodified model's."""
+    with a covering top-k the greedy tokens are the unmodified model's (sliding-window layers rewritten too)."""
     base = build(arch, "sdpa", seed=0)
-    model = specache.compile(twin(base), topk=4096, window=16, group_size=16)
+    model = specache.compile(twin(base), topk=4096, window=16, group_size=16, **rewrite_sliding(arch))
     ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
     got = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(got, base.generate(ids, max_new_tokens=6, do_sample=False))
     st = specache.stats(model)
     assert st["found"] == st["rewritten"] > 0, st["sites"]
+
+
+@torch.no_grad()
+def test_sliding_layers_keep_the_models_window_cache_by_default():
+    """Gemma-3's layout in small: a sliding-window layer (window 16, passed by the 24-token prompt and the decode
+    steps) and a global one. By default the sliding layer keeps its code and the model's own window cache, counted as
+    skipped with why; the global layer is rewritten and decodes from the store; the logits are the unmodified model's
+    (a covering top-k). The store holds the global layer only, so its device bytes are one layer's."""
+    model = build("gemma3", "sdpa", layer_types=["sliding_attention", "full_attention"])
+    ref = twin(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        want, toks = decode_loop(ref, ids, mask, make_cache("dynamic", ref), STEPS)
+        specache.compile(model, policy="specache", topk=MAX_LEN, window=4, group_size=4, bits=2)
+        got, _ = decode_loop(model, ids, mask, make_cache("dynamic", model), STEPS, forced=toks)
+    st = specache.stats(model)
+    assert (st["found"], st["rewritten"], st["skipped"]) == (2, 1, 1), st["sites"]
+    sliding = st["sites"]["model.layers.0.self_attn"]
+    assert sliding["status"] == "skipped" and "sliding_layers='model'" in sliding["reason"], sliding
+    assert list(st["store"]) == ["model.layers.1.self_attn"] and st["store"]["model.layers.1.self_attn"][
+        "decode_steps"] == STEPS, st["store"]
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errs) <= FP32_REL, errs
+    # the eval harness's device bytes add the sliding layer's own cache: its window of 16 tokens, 2 KV heads of 16,
+    # K and V, fp32, per batch row
+    from specache_compile.evals.harness import kv_bytes_device
+
+    b, n = ids.shape[0], ids.shape[1] + STEPS
+    assert kv_bytes_device(model, n, b) == st["bytes"]["device"] + 2 * 16 * 2 * 16 * 4 * b
+    with pytest.raises(ValueError, match="sliding_layers: expected 'model' or 'rewrite', got 'drop'"):
+        specache.Config(sliding_layers="drop")
 
 
 @pytest.mark.parametrize("arch,why", [("gemma2", "torch.tanh"), ("bloom", "baddbmm")])
@@ -235,7 +275,7 @@ def test_bf16_within_eager_error(arch, attn):
     with torch.no_grad():
         want, toks = decode_loop(oracle, ids, mask, DynamicCache(config=oracle.config), STEPS)
         base, _ = decode_loop(eager, ids, mask, DynamicCache(config=eager.config), STEPS, forced=toks)
-        specache.compile(model, policy="full")
+        specache.compile(model, policy="full", **rewrite_sliding(arch))
         got, _ = decode_loop(model, ids, mask, DynamicCache(config=model.config), STEPS, forced=toks)
     assert_all_rewritten(model, STEPS)
     # mean over the prefill and the 32 decode steps of each step's ||err|| / ||ref|| over the logits

@@ -424,7 +424,7 @@ def test_pass_sliding_window_layers_exact():
     ids, mask = padded_batch(PROMPT)
     with torch.no_grad():
         want, toks = decode_loop(ref, ids, mask, STEPS)
-        specache.compile(model, policy="cake", policy_options={"budget": 64, "window": 4})
+        specache.compile(model, policy="cake", policy_options={"budget": 64, "window": 4}, sliding_layers="rewrite")
         got, _ = decode_loop(model, ids, mask, STEPS, forced=toks)
     st = specache.stats(model)
     assert st["rewritten"] == st["found"] == 2

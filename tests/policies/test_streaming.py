@@ -157,13 +157,15 @@ def test_config_sinks_sets_the_sinks_and_conflicts_are_refused():
 def llama_vs_unmodified(policy, arch="llama", **overrides):
     """Logits of a compiled small Llama (GQA 4/2, head dim 16, 2 layers) and of its unmodified twin over a left-padded
     batch: the prefill, then STEPS teacher-forced decode steps. Checks every attention was rewritten and decoded.
-    arch="mistral": the same with a sliding window of SLIDING tokens, which the last decode steps pass (lo > 0)."""
+    arch="mistral": the same with a sliding window of SLIDING tokens, which the last decode steps pass (lo > 0), its
+    sliding layers rewritten (sliding_layers="rewrite")."""
     model = build(arch, "sdpa", kv_heads=2, **({"sliding_window": SLIDING} if arch == "mistral" else {}))
     ref = twin(model)
     ids, mask = padded_batch(PROMPT)
     with torch.no_grad():
         want, toks = decode_loop(ref, ids, mask, DynamicCache(config=ref.config), STEPS)
-        specache.compile(model, policy=policy, **overrides)
+        sliding = {"sliding_layers": "rewrite"} if arch == "mistral" else {}
+        specache.compile(model, policy=policy, **sliding, **overrides)
         got, _ = decode_loop(model, ids, mask, DynamicCache(config=model.config), STEPS, forced=toks)
     st = specache.stats(model)
     assert st["found"] > 0 and st["rewritten"] == st["found"], st["sites"]

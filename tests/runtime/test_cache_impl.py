@@ -81,10 +81,10 @@ def test_generate_kwargs_leaves_other_choices_alone():
 def test_sliding_window_models_keep_the_dynamic_cache_by_default(arch):
     """A StaticCache's sliding-window layers roll their buffer in place, which the pass cannot follow (the site would
     keep its original attention and its full KV on the device): by default model.generate keeps transformers'
-    DynamicCache for such a model, whose sliding layers are rewritten; every site is rewritten and the tokens equal
-    the unmodified model's."""
+    DynamicCache for such a model, whose sliding layers are rewritten (sliding_layers="rewrite"); every site is
+    rewritten and the tokens equal the unmodified model's."""
     base = build(arch, seed=3)
-    m = specache.compile(twin(base), topk=4096, window=16, group_size=16)
+    m = specache.compile(twin(base), topk=4096, window=16, group_size=16, sliding_layers="rewrite")
     ids = _prompt(60, 9)
     assert torch.equal(m.generate(ids, max_new_tokens=8, do_sample=False),
                        base.generate(ids, max_new_tokens=8, do_sample=False))
