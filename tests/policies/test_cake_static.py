@@ -56,7 +56,7 @@ def test_static_steps_equal_the_default_path(opts):
     prefill(static, st_sites, layers)
     capacity = 48 + 40
     g = torch.Generator().manual_seed(3)
-    states = set()
+    states = []  # the state objects themselves: an id() of a freed state can be reused by its successor
     for _ in range(40):
         q, k, v = (torch.randn(2, 4, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g),
                    torch.randn(2, 2, 1, 16, generator=g))
@@ -64,7 +64,8 @@ def test_static_steps_equal_the_default_path(opts):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         for a, b in zip(ref_sites, st_sites):
             assert torch.equal(_static_kept(b), kept(a))
-        states.add(id(st_sites[0].tier["static"]))
+        if not any(s is st_sites[0].tier["static"] for s in states):
+            states.append(st_sites[0].tier["static"])
     assert static.budgets() == ref.budgets()
     st = st_sites[0].tier["static"]
     if opts.get("decode_evict", True):
