@@ -90,7 +90,7 @@ class DecodeGraphs:
 
     def _fits(self) -> bool:
         """Every site's static state has room for the next step (else the eager call grows it)."""
-        return all(s.tier["static"].fits(s) for s in self.runtime.sites.values() if "static" in s.tier)
+        return all(s.static.fits(s) for s in self.runtime.sites.values() if s.static is not None)
 
     def _eager(self, key: tuple, args, kwargs):
         rt = self.runtime
@@ -135,7 +135,7 @@ class DecodeGraphs:
     # -- keys -----------------------------------------------------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         rt = self.runtime
-        sts = [(name, s.tier.get("static")) for name, s in rt.sites.items()]
+        sts = [(name, s.static) for name, s in rt.sites.items()]
         # the states (a new sequence, a grown state: new graphs) and, apart, their parities (a policy that prefetches
         # into alternating slots has a graph for each, both of one sequence)
         states = tuple((name, None if st is None else st.serial) for name, st in sts)
@@ -222,7 +222,7 @@ class _Graph:
         s_args, s_values = _map_tensors(lambda t: next(it), (args, [v for _, v in sorted(kwargs.items())]))
         s_kwargs = dict(zip(sorted(kwargs), s_values))
         self.cache_ptrs = _cache_tensors(args, kwargs)
-        self.sites = [s for s in rt.sites.values() if "static" in s.tier]
+        self.sites = [s for s in rt.sites.values() if s.static is not None]
         self.calls = 0
         if owner.capture:
             dev = self.inputs[0].device if self.inputs else torch.device("cuda")
@@ -255,7 +255,7 @@ class _Graph:
             return _fresh(self._rerun())
         self.graph.replay()
         for site in self.sites:
-            site.tier["static"].replayed(site, 1)
+            site.static.replayed(site, 1)
         rt = self.owner.runtime
         rt.calls += self.calls
         rt.plain_static_steps += self.calls

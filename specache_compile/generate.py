@@ -369,6 +369,6 @@ def _fixed_buffer_steps(model, runtime, cache, kwargs, tok, spec, mask, p, n_ste
         i += 1
     replays_without_python = max(0, n_steps - warm - len(graphs))
     for site in runtime.sites.values():
-        if "static" in site.tier:
-            site.tier["static"].replayed(site, replays_without_python)
+        if site.static is not None:
+            site.static.replayed(site, replays_without_python)
     return outs

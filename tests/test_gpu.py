@@ -327,7 +327,7 @@ def test_cuda_static_path_runs_the_fused_kernel_and_equals_the_unfused_path():
             finally:
                 specache_static.FUSED = "auto"
             site = next(iter(specache.runtime_of(m).sites.values()))
-            assert site.tier["static"].fused == (fused == "auto")
+            assert site.static.fused == (fused == "auto")
             stats.append(next(iter(specache.stats(m)["store"].values())))
         assert torch.equal(outs[0], outs[1]), (speculative, graphed)
         for key in ("length", "decode_steps", "prefetch_issued", "prefetch_consumed", "fetched_rows"):
@@ -358,8 +358,8 @@ def test_cuda_kcache_replays_and_equals_its_default_path(topk):
     g = st["cuda_graphs"]
     assert g["captured"] == 1 and g["replayed"] == 100 - 1 - 3, g  # build, prove, capture, then replays
     site = next(iter(specache.runtime_of(m).sites.values()))
-    assert "static" in site.tier and site.v.data.is_pinned()
-    n = site.tier["static"].topn
+    assert site.static is not None and site.v.data.is_pinned()
+    n = site.static.topn
     for s in st["store"].values():  # the replayed steps counted as the ones run from Python
         assert s["length"] == 700 + 99 and s["decode_steps"] == 99 and s["fetched_rows"] == 99 * 2 * 2 * n, s
 
@@ -378,7 +378,7 @@ def test_cuda_cake_replays_and_equals_its_default_path():
     for name, site in rt.sites.items():
         rep = rt.policy.site_report(site)
         assert rep["cake_kept"] == rep["cake_budget"] + 32, (name, rep)  # evicted back to B_l + S_w every step
-        assert site.tier["static"].k.shape[2] == rep["cake_budget"] + 32 + 1
+        assert site.static.k.shape[2] == rep["cake_budget"] + 32 + 1
     assert all(s["length"] == 700 + 99 and s["decode_steps"] == 99 for s in st["store"].values())
 
 
@@ -405,7 +405,7 @@ def test_cuda_kvcomp_replays_and_equals_its_default_path(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     st = specache.stats(m)
     rt = specache.runtime_of(m)
-    state = next(iter(rt.sites.values())).tier["static"]
+    state = next(iter(rt.sites.values())).static
     g = st["cuda_graphs"]
     more = len(replaced)
     # build, prove, capture, the two block steps, then replays

@@ -104,7 +104,7 @@ class Policy:
         return cls(config)
 
     def reset(self, site: Site) -> None:
-        site.tier.clear()
+        site.clear_state()
 
     def append(self, site: Site, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """k, v: [B, Hkv, Sn, D] on the model's device, the tokens just written at positions [start, start+Sn)."""

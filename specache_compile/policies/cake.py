@@ -356,7 +356,7 @@ class CakePolicy(Policy):
     def reset(self, site):
         if site.name in self._names or self._decoding:
             self._new_sequence()
-        site.tier.clear()
+        site.clear_state()
 
     def _new_sequence(self) -> None:
         if self._seq:  # the last sequence's prefill ran every site: that is L
@@ -504,12 +504,11 @@ class CakePolicy(Policy):
         if self._pending:
             self._finalise()
         self._decoding = True
-        t = site.tier
-        if "static" not in t:
-            t["static"] = cake_state(self, site, bias.shape[-1])
-        elif not t["static"].fits(site):
-            t["static"] = grown(site, t["static"])
-        return t["static"].step(q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = cake_state(self, site, bias.shape[-1])
+        elif not site.static.fits(site):
+            site.static = grown(site, site.static)
+        return site.static.step(q, k_new, v_new, pos, bias, scale)
 
     # -- reporting ----------------------------------------------------------------------------------------------------
     def site_report(self, site):
@@ -517,7 +516,7 @@ class CakePolicy(Policy):
         if "n" not in t:
             return {}
         # NOTE: a host read of the static state's row count (reporting only)
-        kept = int(t["static"].used) if "static" in t else t["n"]
+        kept = int(site.static.used) if site.static is not None else t["n"]
         return {"cake_budget": t["budget"], "cake_window": t["sw"], "cake_kept": kept, "cake_pref": t["pref"]}
 
     def budgets(self) -> dict[str, int]:

@@ -40,9 +40,9 @@ class FullPolicy(Policy):
         return ops.sparse_attention(q, k, v, bias, scale)
 
     def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
-        if "static" not in site.tier:
-            site.tier["static"] = FullStatic(site, bias.shape[-1])
-        return site.tier["static"].step(site, q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = FullStatic(site, bias.shape[-1])
+        return site.static.step(site, q, k_new, v_new, pos, bias, scale)
 
     def describe(self):
         return {"policy": self.name, "static": self.static}

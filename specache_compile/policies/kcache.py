@@ -29,7 +29,7 @@ Choices the paper (as far as it could be read) leaves open, made here:
   as below: K at the cache's capacity, the top-N over every written column.
 
 Device state (``site.tier``): K ``[B, Hkv, S, D]`` (appended every step) and the fetch buffer ``[B, Hkv, N, Dv]``;
-on the static path, ``site.tier["static"]`` instead (the same two at the cache's capacity, and a token counter).
+on the static path, ``site.static`` instead (the same two at the cache's capacity, and a token counter).
 Decode has no host sync on CUDA (the top-N stays on the device; the gather reads pinned host memory).
 """
 
@@ -77,7 +77,7 @@ class KCachePolicy(Policy):
         return policy
 
     def reset(self, site):
-        site.tier.clear()
+        site.clear_state()
         t, b, h, dev = site.tier, site.batch, site.heads, site.device
         t["k"] = Growable((b, h), (site.head_dim,), site.dtype, dev, capacity=site.capacity)
         t["fetch_v"] = torch.empty((b, h, self.topn, site.v_head_dim), dtype=site.dtype, device=dev)
@@ -109,9 +109,9 @@ class KCachePolicy(Policy):
 
     def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
         # K at the cache's capacity, V fetched by device index (policies/kcache_static.py); built at the first step
-        if "static" not in site.tier:
-            site.tier["static"] = KCacheState(self, site, bias.shape[-1])
-        return site.tier["static"].step(site, q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = KCacheState(self, site, bias.shape[-1])
+        return site.static.step(site, q, k_new, v_new, pos, bias, scale)
 
     def describe(self):
         return {"policy": self.name, "topn": self.topn, "renormalize": self.renormalize, "static": self.static}

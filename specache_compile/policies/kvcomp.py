@@ -101,7 +101,7 @@ class KVCompPolicy(Policy):
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
-        site.tier.clear()
+        site.clear_state()
         t, dev = site.tier, site.device
         b, h, d, dv = site.batch, site.heads, site.head_dim, site.v_head_dim
         if dv * self.max_len >= 1 << 16 or d * self.max_len >= 1 << 16:
@@ -235,10 +235,9 @@ class KVCompPolicy(Policy):
             raise CacheMismatch(f"specache: site {site.name}: kvcomp's static decode path takes one-token steps; got "
                                 f"{q.shape[2]} query rows (speculating={speculating}). Fix: decode one token a call, "
                                 "or pass policy_options={'static': False}")
-        t = site.tier
-        if "static" not in t:
-            t["static"] = KVCompState(self, site, bias.shape[-1])
-        return t["static"].step(site, q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = KVCompState(self, site, bias.shape[-1])
+        return site.static.step(site, q, k_new, v_new, pos, bias, scale)
 
     # -- reporting ------------------------------------------------------------------------------------------------
     def site_report(self, site):

@@ -137,7 +137,7 @@ class KVCompState(StaticDecodeState):
              bias: torch.Tensor, scale: float) -> torch.Tensor:
         """One decode step: q [B, Hq, 1, D], the new token's K/V [B, Hkv, 1, D] at the device position pos [1], bias
         [B|1, Hq|1, 1, C] over the cache's capacity. Returns [B, Hq, 1, Dv] in q.dtype. A block step compresses
-        (from Python, with a host sync) and may replace ``site.tier["static"]``; the attention is then the new
+        (from Python, with a host sync) and may replace ``site.static``; the attention is then the new
         state's."""
         p = pos[:1]
         self.advance(p)
@@ -174,8 +174,8 @@ class KVCompState(StaticDecodeState):
         _recent_lengths(t, end)  # before a new state zeroes the buffers' tails: this step's rows are written
         moved = any(t[name].data is not src for name, src in self.sources.items())
         if moved or t["nk"] > self.kcap or t["nv"] > self.vcap:
-            t["static"] = KVCompState(pol, site, self.cap, prev=self)
-            return t["static"]
+            site.static = KVCompState(pol, site, self.cap, prev=self)
+            return site.static
         return self
 
     def _attend(self, q: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

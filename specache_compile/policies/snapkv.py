@@ -84,7 +84,7 @@ class SnapKVPolicy(Policy):
 
     # -- state ------------------------------------------------------------------------------------------------------
     def reset(self, site):
-        site.tier.clear()
+        site.clear_state()
         self.alloc(site, 0)
 
     def alloc(self, site, capacity):
@@ -144,11 +144,11 @@ class SnapKVPolicy(Policy):
 
     def decode_static(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating):
         # the kept rows at the capacity the cache can reach, written by the device position (policies/kept_static.py)
-        if "static" not in site.tier:
-            site.tier["static"] = snapkv_state(self, site, bias.shape[-1])
-        elif not site.tier["static"].fits(site):
-            site.tier["static"] = grown(site, site.tier["static"])
-        return site.tier["static"].step(q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = snapkv_state(self, site, bias.shape[-1])
+        elif not site.static.fits(site):
+            site.static = grown(site, site.static)
+        return site.static.step(q, k_new, v_new, pos, bias, scale)
 
     def describe(self):
         return {"policy": self.name, "budget": self.budget, "window": self.window, "kernel": self.kernel,

@@ -154,7 +154,7 @@ class SpeCachePolicy(Policy):
 
     # -- state ----------------------------------------------------------------------------------------------------
     def reset(self, site):
-        site.tier.clear()
+        site.clear_state()
         dev = site.device
         b, h, d, dv = site.batch, site.heads, site.head_dim, site.v_head_dim
         vgroup = min(self.group, dv)
@@ -378,8 +378,8 @@ class SpeCachePolicy(Policy):
         index-mode cache when policy_options['static'] is set."""
         from . import specache_static
 
-        if "static" not in site.tier:
-            site.tier["static"] = specache_static.StaticState(self, site, bias.shape[-1])
+        if site.static is None:
+            site.static = specache_static.StaticState(self, site, bias.shape[-1])
         return specache_static.decode(self, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
 
     def site_report(self, site):

@@ -130,7 +130,7 @@ class StepShared:
 
 
 def _shared(site, key, make):
-    sh = site.tier.get("step_shared")
+    sh = site.step_shared
     return make() if sh is None else sh.get(key, make)
 
 
@@ -229,7 +229,7 @@ def decode(policy, site, q, k_new, v_new, pos, bias, scale, n_real, speculating)
     cache positions (device); bias [B|1, 1|Hq, Sq, C] additive mask over store positions; n_real: how many leading
     rows are stored (0 for SpeCache's pre-decoding row). Returns [B, Hq, Sq, Dv]."""
     t = site.tier
-    st: StaticState = t["static"]
+    st: StaticState = site.static
     g, ring = policy.group, st.ring
     b, hq, sq, d = q.shape
     hkv = site.heads

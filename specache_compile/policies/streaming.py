@@ -199,9 +199,9 @@ class StreamingPolicy(Policy):
         # the ring stepped in place by the device position (policies/kept_static.py, which imports this module)
         from .kept_static import streaming_state
 
-        if "static" not in site.tier:
-            site.tier["static"] = streaming_state(self, site)
-        return site.tier["static"].step(q, k_new, v_new, pos, bias, scale)
+        if site.static is None:
+            site.static = streaming_state(self, site)
+        return site.static.step(q, k_new, v_new, pos, bias, scale)
 
     def describe(self):
         return {"policy": self.name, "sinks": self.sinks, "budget": self.budget, "static": self.static}

@@ -212,7 +212,7 @@ class Runtime:
                 # placeholder expanded from the token this call hands out: token() records its address
                 site.buffer_ptr = cache.data_ptr() if cache is not None else _BUFFER_IS_TOKEN
             first = 0
-        if site is not None and "static" in site.tier and site.length > 0 and not (mode == INDEX and (sq == 1 or
+        if site is not None and site.static is not None and site.length > 0 and not (mode == INDEX and (sq == 1 or
                                                                                                   speculating)):
             # a multi-token call after static decode steps (a chunk more of prompt, assisted decoding's check of its
             # drafts): the policy's state goes back to the default path's, rebuilt from the full-precision rows; the
@@ -304,7 +304,7 @@ class Runtime:
         pos = write_pos.reshape(-1)
         shared = self._step_shared
         shared.begin(site.name)  # a site seen twice starts a new step: the values of the last one are dropped
-        site.tier["step_shared"] = shared
+        site.step_shared = shared
 
         def make_bias():
             if mask is not None:
@@ -325,7 +325,7 @@ class Runtime:
             # CUDA graph replay runs no Python, and generate refuses cuda_graph with measure_error)
             n = site.length
             self._measure(site, q[:, :, :n_real], bias[..., :n_real, :n], 0, n, scale, out[:, :, :n_real])
-        self._pos_bad = site.tier["static"].bad  # persistent: check_deferred reads and clears it
+        self._pos_bad = site.static.bad  # persistent: check_deferred reads and clears it
         self._pos_site = (site.name, site.length)
         return out
 
@@ -432,7 +432,7 @@ class Runtime:
                 "keeps no full-precision copy to rebuild its state from. Fix: use policy 'specache' or 'full' for "
                 "beam search, assisted decoding and cache copies, or a generation mode that does not edit the cache."
             )
-        if "static" in site.tier:
+        if site.static is not None:
             # the fixed-shape state is rebuilt at the next static step from the default path's state rebuilt here;
             # NOTE: a host sync (the store's rows the GPU wrote must have landed before they are read back)
             if site.device.type == "cuda":
@@ -509,7 +509,7 @@ class Runtime:
         # the static path's flags are persistent device tensors its steps raise, replayed graph steps included (which
         # run no Python, so they leave no deferred check of their own): folded in every time, on the device (one host
         # read for all), then cleared
-        flagged = [(name, site.tier["static"].bad) for name, site in self.sites.items() if "static" in site.tier]
+        flagged = [(name, site.static.bad) for name, site in self.sites.items() if site.static is not None]
         if self._pos_bad is None and not flagged:
             return
         if self._pos_bad is None:

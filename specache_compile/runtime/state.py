@@ -1,6 +1,6 @@
 """The typed interface between the runtime and a policy's fixed-shape decode state (the static decode path).
 
-A policy that declares ``static`` keeps, per site, one :class:`StaticDecodeState` under ``site.tier["static"]``,
+A policy that declares ``static`` keeps, per site, one :class:`StaticDecodeState` under ``site.static``,
 built at the site's first static decode step from what the prefill left. The runtime and the CUDA-graph replay
 (decode_graphs.py) read only what this class declares, never the policy's own tensors:
 

@@ -50,6 +50,11 @@ class Site:
     # only when Config.measure_error needs one (not counted in tier_bytes)
     codec: Any = None
     tier: dict[str, Any] = field(default_factory=dict)
+    # the policy's fixed-shape decode state (runtime/state.py), the only one of the policy's objects the runtime and
+    # the graph replay read; None until the site's first static step and after a reset
+    static: StaticDecodeState | None = None
+    # the per-step values every layer's static step shares (policies/specache_static.StepShared), set by the runtime
+    step_shared: Any = None
     stats: SiteStats = field(default_factory=SiteStats)
     # The last cache token (runtime.Runtime.token): the tensor the model's cache keeps views of instead of KV, earlier
     # tokens of this site with how many leading rows their caches still share with the store, the shortest length the
@@ -88,6 +93,11 @@ class Site:
             self.k.write(start, k_new)
             self.v.write(start, v_new)
         self._length = max(self._length, start + k_new.shape[2])
+
+    def clear_state(self) -> None:
+        """Drop the policy's device state (a new sequence, or a rebuild from the store)."""
+        self.tier.clear()
+        self.static = None
 
     def count_static_steps(self, stored: int, speculating: bool, steps: int = 1) -> None:
         """Host-side counters of ``steps`` decode steps whose rows the static path wrote at device positions (the
@@ -164,7 +174,7 @@ class Site:
 
     def tier_bytes(self) -> dict[str, int]:
         host = self.codec.nbytes if self.codec is not None else self.k.nbytes + self.v.nbytes
-        dev = sum(_nbytes(x) for x in self.tier.values())
+        dev = sum(_nbytes(x) for x in self.tier.values()) + (self.static.nbytes if self.static is not None else 0)
         if self.codec is not None:
             dev += self.codec.device_nbytes  # the codec's full-precision tail (< one group of rows)
         if self.home == "device":

@@ -323,7 +323,7 @@ def test_static_path_through_the_op_equals_the_unfused_path(speculative):
         finally:
             specache_static.FUSED = "auto"
         site = next(iter(specache.runtime_of(m).sites.values()))
-        assert site.tier["static"].fused == (fused == "always")
+        assert site.static.fused == (fused == "always")
         stats.append(next(iter(specache.stats(m)["store"].values())))
     assert torch.equal(outs[0], outs[1])
     for key in ("length", "decode_steps", "prefetch_issued", "prefetch_consumed", "fetched_rows",

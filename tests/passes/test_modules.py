@@ -600,4 +600,4 @@ def test_static_path_on_a_gptfast_module(topk):
     errs = [rel_err(a, b) for a, b in zip(ours, want)]
     assert max(errs) < FP32_REL, f"step {errs.index(max(errs))}: rel err {max(errs):.3g}"
     site = next(iter(specache.runtime_of(model).sites.values()))
-    assert "static" in site.tier and int(site.tier["s_n"]) == site.length == prefill + steps
+    assert site.static is not None and int(site.tier["s_n"]) == site.length == prefill + steps

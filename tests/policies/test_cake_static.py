@@ -37,7 +37,7 @@ def _step_both(ref, static, ref_sites, st_sites, q, k, v, capacity):
 
 
 def _static_kept(site) -> torch.Tensor:
-    st = site.tier["static"]
+    st = site.static
     return st.pos[:, :, : int(st.used)]
 
 
@@ -64,10 +64,10 @@ def test_static_steps_equal_the_default_path(opts):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         for a, b in zip(ref_sites, st_sites):
             assert torch.equal(_static_kept(b), kept(a))
-        if not any(s is st_sites[0].tier["static"] for s in states):
-            states.append(st_sites[0].tier["static"])
+        if not any(s is st_sites[0].static for s in states):
+            states.append(st_sites[0].static)
     assert static.budgets() == ref.budgets()
-    st = st_sites[0].tier["static"]
+    st = st_sites[0].static
     if opts.get("decode_evict", True):
         # one state for the sequence, its slots B_l + S_w + 1 (capped by what the capacity can still bring)
         assert len(states) == 1 and st.keep is not None
@@ -134,7 +134,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path():
         ref = ref_model.generate(ids, max_new_tokens=20, do_sample=False)
         out = m.generate(ids, max_new_tokens=20, do_sample=False)
         assert torch.equal(out, ref), seq
-        assert all("static" in s.tier for s in rt.sites.values())
+        assert all(s.static is not None for s in rt.sites.values())
         assert rt.policy.budgets() == specache.runtime_of(ref_model).policy.budgets()
         g = m._specache_graphs.stats()
         # per sequence: build, prove, capture, then replays (one state per sequence: decode_evict never grows it)
@@ -145,7 +145,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path():
     assert all(v["length"] == 50 + 19 for v in st["store"].values())
     # the device tier is the kept rows at B_l + S_w + 1 slots (+ the step's counters), not the whole cache
     for s in rt.sites.values():
-        assert s.tier["static"].k.shape[2] == s.tier["budget"] + 8 + 1
+        assert s.static.k.shape[2] == s.tier["budget"] + 8 + 1
     b, hkv, d = 1, 2, 16
     want = sum((s.tier["budget"] + 9) * b * hkv * (2 * d * 8 + 8) + 2 * 8 for s in rt.sites.values())
     assert st["bytes"]["device"] == want and st["bytes"]["host"] == 0

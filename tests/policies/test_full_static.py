@@ -36,8 +36,8 @@ def test_model_generate_decodes_statically_and_equals_the_unmodified_model():
     g = m._specache_graphs.stats()
     assert g["captured"] == 1 and g["replayed"] == 11 - 3
     for site in rt.sites.values():
-        assert site.length == 40 + 11 and "static" in site.tier
-        cap = site.tier["static"].capacity
+        assert site.length == 40 + 11 and site.static is not None
+        cap = site.static.capacity
         # every step fetched the capacity: what a replayed step counts too
         assert site.stats.fetched_rows == 11 * site.batch * site.heads * cap
 
@@ -65,7 +65,7 @@ def test_a_write_at_a_wrong_position_is_raised():
     base = hf_models.build("llama", layers=2, seed=4)
     m = _compile(base)
     site = site_after_plain_steps(m, _ids(30, 5), 1)
-    st = site.tier["static"]
+    st = site.static
     kv = torch.zeros(1, site.heads, 1, site.head_dim)
     st.step(site, torch.zeros(1, 4, 1, site.head_dim), kv, kv, torch.tensor([40]), torch.zeros(1, 1, 1, 64), 1.0)
     with pytest.raises(CacheMismatch, match="other positions than the next one"):

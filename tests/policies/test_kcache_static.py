@@ -38,11 +38,11 @@ def test_model_generate_decodes_statically_and_equals_the_default_path(topk):
     assert rt.policy.static and rt.policy.describe()["static"] is True  # "auto": the default
     out = m.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(out, ref)
-    assert rt.plain_static_steps > 0 and all("static" in s.tier for s in rt.sites.values())
+    assert rt.plain_static_steps > 0 and all(s.static is not None for s in rt.sites.values())
     g = m._specache_graphs.stats()
     assert g["captured"] == 1 and g["replayed"] == 19 - 3  # build, prove, capture, then replays
     site = next(iter(rt.sites.values()))
-    st = site.tier["static"]
+    st = site.static
     cap = st.k.shape[2]  # the cache's capacity (a bucket): K for every position, fixed for the sequence
     assert cap >= 1024 and st.topn == topk and "k" not in site.tier and "fetch_v" not in site.tier
     heads = site.batch * site.heads
@@ -125,7 +125,7 @@ def test_a_two_token_call_after_static_steps_rebuilds_from_the_store():
 
     def seen(i):
         site = next(iter(rt.sites.values()))
-        states.append(site.tier.get("static"))
+        states.append(site.static)
         if i == 6:  # the 2-token call: the default path's state rebuilt from the store, the static state dropped
             assert states[-1] is None and site.tier["k"].length == 40 + 6 + 2 and site.stats.rewrites == 1
 
@@ -145,7 +145,7 @@ def test_a_write_at_a_wrong_position_is_raised():
     m.generate(_ids(30, 5), max_new_tokens=3, do_sample=False)
     specache.stats(m)  # nothing flagged so far
     site = next(iter(specache.runtime_of(m).sites.values()))
-    st = site.tier["static"]
+    st = site.static
     q = torch.zeros(1, 4, 1, site.head_dim)
     kv = torch.zeros(1, site.heads, 1, site.head_dim)
     wrong = torch.tensor([site.length + 5])  # the next position is site.length

@@ -39,7 +39,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path(policy, o
     rt = specache.runtime_of(m)
     out = m.generate(ids, max_new_tokens=20, do_sample=False)
     assert torch.equal(out, ref)
-    assert rt.plain_static_steps > 0 and all("static" in s.tier for s in rt.sites.values())
+    assert rt.plain_static_steps > 0 and all(s.static is not None for s in rt.sites.values())
     g = m._specache_graphs.stats()
     if policy == "streaming":
         assert g["captured"] == 1 and g["replayed"] == 19 - 3  # build, prove, capture, then replays
@@ -48,7 +48,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path(policy, o
     st = specache.stats(m)["store"]
     assert all(v["length"] == 50 + 19 for v in st.values())
     # the budget holds: the device tier is the kept rows at their capacity, not the whole cache
-    cap = next(iter(rt.sites.values())).tier["static"].k.shape[2]
+    cap = next(iter(rt.sites.values())).static.k.shape[2]
     assert cap == 24 if policy == "streaming" else cap == 24 + 32
 
 
@@ -78,7 +78,7 @@ def test_a_write_at_a_wrong_position_is_raised(policy, opts):
     base = hf_models.build("llama", layers=2, seed=4)
     m = _compile(base, policy, opts)
     site = site_after_plain_steps(m, _ids(30, 5), 2)
-    st = site.tier["static"]
+    st = site.static
     q = torch.zeros(1, 4, 1, site.head_dim)
     kv = torch.zeros(1, site.heads, 1, site.head_dim)
     st.step(q, kv, kv, torch.tensor([40]), torch.zeros(1, 1, 1, 64), 1.0)  # position 40, the next one is 32

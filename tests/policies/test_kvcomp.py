@@ -200,7 +200,7 @@ def test_compression_off_matches_unmodified(llama):
     model, err, st = _run(llama, 8, 40, static=True, policy_options={"k_recent": 4096, "v_recent": 4096})
     assert err <= FP32_REL
     assert all(s["compressed_tokens_k"] == 0 for s in st["store"].values())
-    states = [s.tier["static"] for s in specache.runtime_of(model).sites.values()]
+    states = [s.static for s in specache.runtime_of(model).sites.values()]
     assert states and all((x.kcap, x.vcap, x.rk) == (0, 0, 56) for x in states)
 
 

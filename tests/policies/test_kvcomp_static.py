@@ -56,7 +56,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path():
     assert rt.policy.static  # "auto": every option has a static path
     out = m.generate(ids, max_new_tokens=22, do_sample=False)
     assert torch.equal(out, ref)
-    assert all("static" in s.tier for s in rt.sites.values())
+    assert all(s.static is not None for s in rt.sites.values())
     # the same blocks compressed during the decode (K: 16 -> 36 tokens, V: 8 -> 32), the same streams' bytes
     assert _reports(m) == _reports(ref_model)
     assert all(r["compressed_tokens_k"] == 36 and r["compressed_tokens_v"] == 32 for r in _reports(m).values())
@@ -66,7 +66,7 @@ def test_model_generate_decodes_statically_and_equals_the_default_path():
     g = m._specache_graphs.stats()
     assert g == {"captured": 2, "replayed": 12, "eager_steps": 7, "kept": 1}, g
     site = next(iter(rt.sites.values()))
-    st = site.tier["static"]
+    st = site.static
     assert (st.kcap, st.vcap) == (52, 64)
     store = specache.stats(m)["store"]
     assert all(v["length"] == 22 + 21 and v["decode_steps"] == 21 for v in store.values())
@@ -100,7 +100,7 @@ def test_static_steps_over_a_hand_loop_equal_the_default_paths_logits():
     rt = specache.runtime_of(m)
     assert rt.plain_static_steps == 20 * 2  # every step at both layers
     # a 64-position cache: the K views cover (64 - 4) // 4 * 4 = 60 tokens at most, V's 56
-    st = next(iter(rt.sites.values())).tier["static"]
+    st = next(iter(rt.sites.values())).static
     assert st.kcap <= 60 and st.vcap <= 56 and (st.rk, st.rv) == (8, 16)
 
 
@@ -111,7 +111,7 @@ def test_a_write_at_a_wrong_position_is_raised():
     base = hf_models.build("llama", layers=2, seed=4)
     m = _compile(base)
     site = site_after_plain_steps(m, _ids(30, 5), 2)
-    st = site.tier["static"]
+    st = site.static
     assert isinstance(st, KVCompState) and st.fits(site)  # position 32 compresses nothing
     q = torch.zeros(1, 4, 1, site.head_dim)
     kv = torch.zeros(1, site.heads, 1, site.head_dim)
@@ -167,7 +167,7 @@ def static_against_default(steps=40, b=2, hkv=2, rep=4, d=32, n=21, cap=96, seed
         sd._length = L + 1
         want = pd.decode(sd, q, bias[..., : L + 1], 0, L + 1, 0.2)
         out.append((got, want, (sd.tier["nk"], sd.tier["nv"]), (ss.tier["nk"], ss.tier["nv"])))
-        serials.add(ss.tier["static"].serial)
+        serials.add(ss.static.serial)
     ss.serials = serials  # the states the steps went through (a grown view is a new state)
     return out, ss
 
@@ -178,5 +178,5 @@ def test_static_steps_equal_the_default_decode_over_fake_sites():
         assert static_counts == counts
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert out[-1][2][0] > 16 and out[-1][2][1] > 8  # blocks were compressed during the steps
-    assert not bool(site.tier["static"].bad)
+    assert not bool(site.static.bad)
     assert len(site.serials) == 3  # the views grew twice (a new state each), mid-step

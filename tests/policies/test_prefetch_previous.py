@@ -50,7 +50,7 @@ def test_a_small_topk_prefetches_the_previous_choice_and_samples_its_hits():
     m.generate(_ids(60, 3), max_new_tokens=30, do_sample=False)
     rt = specache.runtime_of(m)
     for site in rt.sites.values():
-        t, st = site.tier, site.tier["static"]
+        t, st = site.tier, site.static
         assert int(t["prev_total"]) > 0 and 0 <= int(t["prev_hits"]) <= int(t["prev_total"])
         chosen = t["s_slot_idx"][st.cur]  # what the last step chose for the next one: real positions
         assert bool((chosen >= 0).all()) and bool((chosen < int(t["s_nq"])).all())

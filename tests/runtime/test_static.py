@@ -181,7 +181,7 @@ def test_static_generate_makes_its_static_cache():
         pkv = None if cache is None else _static_cache(m, 40 + 12 + 2)
         outs.append(specache.generate(m, ids, 12, past_key_values=pkv))
         site = next(iter(specache.runtime_of(m).sites.values()))
-        assert site.tier["static"].capacity == 54 and site.k.data.shape[2] == 54
+        assert site.static.capacity == 54 and site.k.data.shape[2] == 54
     assert torch.equal(outs[0], outs[1])
 
 
@@ -277,7 +277,7 @@ def test_hf_generate_with_a_static_cache_takes_the_static_path():
     out = m.generate(ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref)
     site = next(iter(specache.runtime_of(m).sites.values()))
-    assert "static" in site.tier and int(site.tier["s_n"]) == site.length == 60 + 9
+    assert site.static is not None and int(site.tier["s_n"]) == site.length == 60 + 9
 
 
 def test_hf_generate_static_calls_of_new_lengths():
