@@ -136,8 +136,11 @@ def runtime_of(model: torch.nn.Module) -> rt.Runtime:
     return runtime
 
 
-def stats(model: torch.nn.Module) -> dict[str, Any]:
+def stats(model: torch.nn.Module, distributed: bool = False, group: Any = None) -> dict[str, Any]:
     """How many attention sites the pass found, rewrote and left alone (with why), and the store's state per site.
+
+    distributed=True (torch.distributed initialized; a collective, so every rank of ``group`` must call it) adds
+    ``"world"``: {"world_size", "rank", "per_rank": [{"host", "device"}, ...], "bytes": {"host", "device"} summed}.
 
     {"found": n, "rewritten": n, "skipped": n, "partial": n,
      "sites": {name: {"status": "rewritten" | "skipped" | "partial", "kind", "mode", "reason", "graphs"}},
@@ -167,7 +170,27 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         "bytes": runtime.tier_bytes(),
         # decode steps replayed as CUDA graphs (decode_graphs.py); absent for torch.compile(backend="specache")
         "cuda_graphs": graphs.stats() if (graphs := getattr(model, _GRAPHS, None)) is not None else None,
-    }
+    } | ({"world": world_bytes(runtime.tier_bytes(), group)} if distributed else {})
+
+
+def world_bytes(local: dict[str, int], group: Any = None) -> dict[str, Any]:
+    """Every rank's {"host", "device"} bytes and their sums, by one all_gather of a [2] int64 tensor per rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "specache.stats(distributed=True): expected an initialized torch.distributed process group, got none; "
+            "fix: call it after init_process_group (torchrun), or without distributed=True for this rank's bytes"
+        )
+    # NCCL moves only device tensors; gloo (and a "cpu:gloo,cuda:nccl" group) takes host ones
+    backend = str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if "gloo" not in backend else torch.device("cpu")
+    mine = torch.tensor([local["host"], local["device"]], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    per_rank = [{"host": int(t[0]), "device": int(t[1])} for t in parts]
+    return {"world_size": len(parts), "rank": dist.get_rank(group), "per_rank": per_rank,
+            "bytes": {k: sum(r[k] for r in per_rank) for k in ("host", "device")}}
 
 
 def memory(model: torch.nn.Module) -> dict[str, int]:
